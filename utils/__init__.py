@@ -1,0 +1,1 @@
+"""Attribution-based sparse activation for small language models: the library behind the scripts."""

@@ -1,0 +1,165 @@
+"""Per-token scores of every head and MLP neuron (METHOD §3), the fast way.
+
+For one sample, generation step t runs the prompt (t = 0) or label token t-1 (t > 0) against the KV cache
+of earlier steps, teacher-forced on the dense label, and the loss is CE(logits at the last position,
+label[t]).  One forward and one backward per step give magnitude, gradient, GxO and the per-layer
+gradient norms for *all* layers and both components: zero probes at every site's last position collect
+dLoss/d(unit output) in a single ``torch.autograd.grad`` call.
+
+Integrated gradients scale one component of one layer by alpha_k = k/n at every position the step
+computes.  Each (component, layer, k) is one element of a batch that shares the step's dense KV cache;
+batch elements are independent, so one backward of the summed loss gives every element its own
+gradient.  ``ig_batch_size`` bounds how many elements run at once (memory).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import cache_argument_name, detach_cache_, output_cache, repeated_cache
+from .sites import ATTN, COMPONENTS, MLP, SiteHooks
+
+SCORE_METRICS = ("gradient", "gxo", "ig")
+
+
+@dataclass
+class StepScores:
+    """Scores of one step; each tensor is float32 ``[L, units]`` (``grad_norm``: ``[L]``)."""
+    magnitude: dict = field(default_factory=dict)
+    gradient: dict = field(default_factory=dict)
+    gxo: dict = field(default_factory=dict)
+    ig: dict = field(default_factory=dict)
+    grad_norm: dict = field(default_factory=dict)
+
+
+def unit_scores(comp: str, x: torch.Tensor, g: torch.Tensor | None, head_dim: int) -> dict:
+    """Magnitude, gradient and GxO of one site from its output ``x`` and gradient ``g`` (both ``[W]``)."""
+    x = x.float()
+    if comp == ATTN:
+        xh = x.view(-1, head_dim)
+        out = {"magnitude": xh.norm(dim=-1)}
+        if g is not None:
+            gh = g.float().view(-1, head_dim)
+            out.update(gradient=gh.mean(-1), gxo=(gh * xh).mean(-1), grad_norm=g.float().norm())
+    else:
+        out = {"magnitude": x.abs()}
+        if g is not None:
+            g = g.float()
+            out.update(gradient=g, gxo=g * x, grad_norm=g.norm())
+    return out
+
+
+def ig_from_gradients(comp: str, x: torch.Tensor, g_mean: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """IG of one site: ``x ⊙ mean_k g(alpha_k)``, averaged over each head's dims."""
+    prod = x.float() * g_mean.float()
+    return prod.view(-1, head_dim).mean(-1) if comp == ATTN else prod
+
+
+class Attributor:
+    """Scores the units of ``model`` along teacher-forced label sequences."""
+
+    def __init__(self, model, hooks: SiteHooks | None = None):
+        self.model = model
+        self.hooks = hooks or SiteHooks(model)
+        self.layout = self.hooks.layout
+        self._cache_name = cache_argument_name(model)
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    # -- one forward pass -------------------------------------------------------------------------
+    def _forward(self, input_ids: torch.Tensor, cache):
+        kwargs = {"input_ids": input_ids, "use_cache": True}
+        if cache is not None:
+            kwargs[self._cache_name] = cache
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        return out.logits[:, -1].float(), output_cache(out)
+
+    def _dense_step(self, input_ids, target, cache, with_grad: bool):
+        """The dense pass of one step: records x (and g when ``with_grad``); returns the new cache."""
+        with torch.set_grad_enabled(with_grad), self.hooks.settings(record=True, probe=with_grad):
+            logits, cache = self._forward(input_ids, cache)
+            grads = None
+            if with_grad:
+                loss = F.cross_entropy(logits, target)
+                probes = self.hooks.all_probes()
+                grads = dict(zip([(c, l) for c in COMPONENTS for l in range(self.layout.num_layers)],
+                                 torch.autograd.grad(loss, probes)))
+            xs = {c: list(self.hooks.recorded[c]) for c in COMPONENTS}
+        detach_cache_(cache)
+        return xs, grads, cache
+
+    def _ig_step(self, input_ids, target, cache, n_steps: int, batch_size: int) -> dict:
+        """Mean over alpha_k of the gradient at every site, each site scaled alone: ``{(comp, l): [W]}``."""
+        L = self.layout.num_layers
+        elements = [(c, l, k) for c in COMPONENTS for l in range(L) for k in range(1, n_steps + 1)]
+        sums = {}
+        for start in range(0, len(elements), batch_size):
+            chunk = elements[start:start + batch_size]
+            B = len(chunk)
+            device = input_ids.device
+            scales = {c: torch.ones(B, L, device=device) for c in COMPONENTS}
+            for b, (c, l, k) in enumerate(chunk):
+                scales[c][b, l] = k / n_steps
+            batch_cache = repeated_cache(cache, B) if cache is not None else None
+            with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True):
+                logits, _ = self._forward(input_ids.expand(B, -1), batch_cache)
+                # elements are independent, so the summed loss gives each its own gradient
+                loss = F.cross_entropy(logits, target.expand(B), reduction="sum")
+                sites = sorted({(c, l) for c, l, _ in chunk})
+                grads = torch.autograd.grad(loss, [self.hooks.probes[c][l] for c, l in sites])
+            by_site = dict(zip(sites, grads))
+            for b, (c, l, k) in enumerate(chunk):
+                g = by_site[(c, l)][b].float()
+                sums[(c, l)] = sums[(c, l)] + g if (c, l) in sums else g
+            del batch_cache
+        return {key: value / n_steps for key, value in sums.items()}
+
+    # -- one sample -------------------------------------------------------------------------------
+    def score_sample(self, prompt_ids: torch.Tensor, label_ids: list[int], *, gradients: bool = True,
+                     ig_steps: int = 0, ig_batch_size: int = 64, on_step=None) -> dict:
+        """Scores for every step of one sample.
+
+        Returns a dict of float32 CPU tensors: ``magnitude_{attention,mlp}`` ``[T, L, units]``, and when
+        ``gradients``: ``gradient_*``, ``gxo_*`` and ``grad_norm_*`` (``[T, L]``); when ``ig_steps``:
+        ``ig_*``.
+        """
+        device = next(self.model.parameters()).device
+        prompt_ids = prompt_ids.to(device)
+        labels = torch.tensor(label_ids, dtype=torch.long, device=device)
+        hd = self.layout.head_dim
+        steps: list[dict] = []
+        cache = None
+        for t in range(len(label_ids)):
+            step_input = prompt_ids if t == 0 else labels[t - 1:t].view(1, 1)
+            target = labels[t:t + 1]
+            ig = self._ig_step(step_input, target, cache, ig_steps, ig_batch_size) if ig_steps else None
+            xs, grads, cache = self._dense_step(step_input, target, cache, with_grad=gradients)
+            row = {}
+            for c in COMPONENTS:
+                per_layer = [unit_scores(c, xs[c][l][0], grads[(c, l)][0] if grads else None, hd)
+                             for l in range(self.layout.num_layers)]
+                for key in per_layer[0]:
+                    row[f"{key}_{c}"] = torch.stack([p[key] for p in per_layer])
+                if ig is not None:
+                    row[f"ig_{c}"] = torch.stack([ig_from_gradients(c, xs[c][l][0], ig[(c, l)], hd)
+                                                  for l in range(self.layout.num_layers)])
+            steps.append(row)
+            if on_step is not None:
+                on_step()
+        if not steps:  # an empty label (the model stopped at once): zero steps, same layout
+            return self._empty(gradients, ig_steps)
+        return {key: torch.stack([s[key] for s in steps]).float().cpu() for key in steps[0]}
+
+    def _empty(self, gradients: bool, ig_steps: int) -> dict:
+        L, out = self.layout.num_layers, {}
+        for c in COMPONENTS:
+            U = self.layout.units(c)
+            names = ["magnitude"] + (["gradient", "gxo"] if gradients else []) + (["ig"] if ig_steps else [])
+            out.update({f"{n}_{c}": torch.zeros(0, L, U) for n in names})
+            if gradients:
+                out[f"grad_norm_{c}"] = torch.zeros(0, L)
+        return out

