@@ -68,8 +68,11 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu",
                              dtype: torch.dtype = torch.float32):
     """Load ``name`` (hub id, local folder, .gguf path, or the offline default) in eval mode with
     gradients switched off for every parameter: attribution only needs gradients of activations."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.logging.set_verbosity_error()  # our own progress bars and errors say what matters
+    transformers.utils.logging.disable_progress_bar()
     source, extra = _load_kwargs(name)
     if "gguf_file" in extra:
         try:

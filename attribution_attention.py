@@ -1,0 +1,43 @@
+"""Step 4: attribution scores of every attention head and MLP neuron per generated token
+-> ig/{metric}_{attention,mlp}_list.pt (+ ig/grad_norm_*_list.pt, the per-layer gradient norms that
+cor_gxo needs, whenever gradient or gxo is computed).
+
+gradient and gxo for all layers come from one forward and one backward per token (ask for both at once:
+--metric gradient gxo).  ig runs every (layer, component, alpha-step) of a token as one batch, split into
+chunks of --batch_size."""
+from utils.cli import common_parser, open_run
+from utils.errors import PipelineError, cli_entry
+from utils.attribution import SCORE_METRICS
+from utils.steps import compute_scores
+
+METRICS = ["gradient", "gxo"]   # any of gradient, gxo, ig
+N_STEPS = 20                    # integrated-gradients steps (alpha_k = k / n)
+BATCH_SIZE = 64                 # IG elements per forward/backward: lower it if memory runs out
+DATASET = "truthfulqa"
+RESULT_DIR = None
+NUM_DATA = None                 # None: every labelled sample
+DEVICE = "auto"
+
+
+@cli_entry
+def main(argv=None):
+    parser = common_parser(__doc__, {"dataset": DATASET, "result_dir": RESULT_DIR, "num_data": NUM_DATA,
+                                     "device": DEVICE})
+    parser.add_argument("--metric", nargs="+", default=METRICS, help="gradient, gxo and/or ig")
+    parser.add_argument("--n_steps", type=int, default=N_STEPS, help="IG steps")
+    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="IG elements per pass")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.metric if m not in SCORE_METRICS]
+    if unknown:
+        raise PipelineError(f"unknown --metric {', '.join(unknown)}; choose from {', '.join(SCORE_METRICS)}")
+    if "ig" in args.metric and args.n_steps < 1:
+        raise PipelineError(f"--n_steps must be at least 1 (got {args.n_steps})")
+    run = open_run(args)
+    kinds = [m for m in SCORE_METRICS if m in args.metric]
+    compute_scores(run, kinds, ig_steps=args.n_steps, ig_batch_size=args.batch_size,
+                   producer=f"attribution_attention.py --metric {' '.join(kinds)}")
+    print(f"wrote {', '.join(kinds)} scores for {run.num_data} samples under {run.paths.root / 'ig'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""What produced each file, so that a later step refuses to combine files from different runs.
+
+``labels.json`` holds the run's settings and a ``run_id`` (a hash of the settings and the label token
+ids).  Every score file ``X.pt`` has a ``X.meta.json`` beside it naming the ``run_id`` it was computed
+from; the ``.pt`` itself stays exactly the released pipeline's layout (a list of float32 tensors)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PipelineError
+from .io import read_json, write_json, write_torch
+
+PROVENANCE_KEYS = ("model", "dataset", "prompt_format", "dtype", "seed")
+
+
+def run_id_of(settings: dict, label_ids: list[list[int]]) -> str:
+    blob = json.dumps({"settings": settings, "labels": label_ids}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class LabelSet:
+    path: Path
+    settings: dict
+    run_id: str
+    texts: list[str]
+    label_ids: list[list[int]]
+    prompt_ids: list[list[int]]
+    sample_ids: list[str]
+    questions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def describe(self) -> str:
+        s = self.settings
+        return f"model {s['model']}, dataset {s['dataset']}, {len(self)} samples, {s['dtype']}"
+
+
+def load_labels(path: Path) -> LabelSet:
+    if not path.is_file():
+        raise PipelineError(f"no labels at {path}: run label_generation.py first "
+                            "(with the same --dataset / --result_dir)")
+    try:
+        data = read_json(path)
+        return LabelSet(path=path, settings=data["settings"], run_id=data["run_id"], texts=data["labels"],
+                        label_ids=data["label_token_ids"], prompt_ids=data["prompt_token_ids"],
+                        sample_ids=data["sample_ids"], questions=data["questions"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise PipelineError(f"{path} is not a labels file of this pipeline; rerun label_generation.py") from None
+
+
+def check_requested(requested: dict, labels: LabelSet) -> None:
+    """Flags the user gave explicitly must agree with the run that made the labels."""
+    for key in PROVENANCE_KEYS:
+        want = requested.get(key)
+        have = labels.settings.get(key)
+        if want is not None and str(want) != str(have):
+            raise PipelineError(f"--{'model_name' if key == 'model' else key} {want} differs from the run that "
+                                f"made {labels.path} ({key} = {have}); drop the flag to use the labels' "
+                                "setting, or rerun label_generation.py with it")
+
+
+def meta_path(path: Path) -> Path:
+    return path.with_name(path.name[:-len(".pt")] + ".meta.json")
+
+
+def write_scores(path: Path, tensors: list, meta: dict) -> None:
+    """Write a score list and its provenance (the meta goes last: a crash in between leaves no meta,
+    which readers report as a file to regenerate)."""
+    for i, t in enumerate(tensors):
+        if not torch.isfinite(t).all():
+            raise PipelineError(f"non-finite scores for sample {i} in {path.name}; the model overflowed "
+                                "(try --dtype float32) and nothing was written")
+    meta_path(path).unlink(missing_ok=True)
+    write_torch(path, tensors)
+    write_json(meta_path(path), meta)
+
+
+def load_scores(path: Path, labels: LabelSet, expected_shape, producer: str) -> list:
+    """Read a score list and check it belongs to ``labels`` and fits the model.
+
+    ``expected_shape(T)`` gives the shape sample with T label tokens must have; ``producer`` names the
+    command that writes the file (for the error message)."""
+    if not path.is_file():
+        raise PipelineError(f"missing {path}: run {producer} first")
+    meta_file = meta_path(path)
+    if not meta_file.is_file():
+        raise PipelineError(f"{path} has no provenance file ({meta_file.name}); rerun {producer}")
+    meta = read_json(meta_file)
+    if meta.get("run_id") != labels.run_id:
+        raise PipelineError(f"{path} was computed from other labels (run {meta.get('run_id')}, "
+                            f"{meta.get('settings', {}).get('model')}) than {labels.path} (run {labels.run_id}, "
+                            f"{labels.settings['model']}); rerun {producer}")
+    tensors = torch.load(path, weights_only=True)
+    if not isinstance(tensors, list) or len(tensors) > len(labels):
+        raise PipelineError(f"{path} does not hold one tensor per labelled sample; rerun {producer}")
+    for i, t in enumerate(tensors):
+        want = tuple(expected_shape(len(labels.label_ids[i])))
+        if tuple(t.shape) != want:
+            raise PipelineError(f"{path}: sample {i} has shape {tuple(t.shape)}, but this model and label need "
+                                f"{want}; the file belongs to another model: rerun {producer}")
+        if not torch.isfinite(t).all():
+            raise PipelineError(f"{path}: sample {i} holds non-finite scores; rerun {producer} "
+                                "(with --dtype float32 if it overflowed)")
+    return tensors

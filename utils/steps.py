@@ -1,0 +1,105 @@
+"""The pipeline's steps as functions; the top-level scripts parse flags and call these."""
+from __future__ import annotations
+
+import json
+
+import torch
+from tqdm.auto import tqdm
+
+from .attribution import Attributor
+from .data import load_samples
+from .errors import PipelineError
+from .generation import dense_label
+from .io import SampleCheckpoint, write_json
+from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
+from .paths import ResultPaths
+from .prompts import prompt_ids, resolve_prompt_format
+from .provenance import run_id_of, write_scores
+from .sites import COMPONENTS
+
+
+def create_folders(paths: ResultPaths) -> None:
+    for folder in paths.folders():
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_data: int | None, device: str,
+                    dtype: str, seed: int, prompt_format: str) -> dict:
+    """Dense greedy labels (METHOD §2) -> ``labels.json``; returns its content."""
+    from .cli import seed_everything
+
+    samples = load_samples(dataset, num_data)  # fails fast on a bad dataset, before loading a model
+    seed_everything(seed)
+    model, tokenizer = load_model_and_tokenizer(model_name, resolve_device(device), resolve_dtype(dtype))
+    fmt = resolve_prompt_format(prompt_format, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
+    settings = {"model": model_name, "dataset": dataset, "num_data": len(samples), "prompt_format": fmt,
+                "dtype": str(resolve_dtype(dtype)).replace("torch.", ""), "seed": seed,
+                "max_new_tokens": "token length of each sample's reference answer", "eos_token_ids": eos}
+    ckpt = SampleCheckpoint(paths.labels, json.dumps(settings, sort_keys=True))
+    rows = []
+    for i, sample in enumerate(tqdm(samples, desc="labels", unit="sample")):
+        if ckpt.done(i):
+            rows.append(ckpt.load(i))
+            continue
+        ids = prompt_ids(tokenizer, sample.question, fmt)
+        budget = len(tokenizer(sample.reference, add_special_tokens=False)["input_ids"])
+        label = dense_label(model, ids, budget, eos, tokenizer.pad_token_id)
+        row = {"prompt": ids[0].tolist(), "label": label,
+               "text": tokenizer.decode(label, skip_special_tokens=True)}
+        ckpt.save(i, row)
+        rows.append(row)
+    label_ids = [r["label"] for r in rows]
+    content = {"labels": [r["text"] for r in rows], "label_token_ids": label_ids,
+               "prompt_token_ids": [r["prompt"] for r in rows], "sample_ids": [s.id for s in samples],
+               "questions": [s.question for s in samples], "references": [s.reference for s in samples],
+               "settings": settings, "run_id": run_id_of(settings, label_ids)}
+    write_json(paths.labels, content)
+    ckpt.finish()
+    return content
+
+
+def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: int = 0, ig_batch_size: int = 64,
+                   producer: str) -> None:
+    """Score ``run.num_data`` samples and write one file per (kind, component).
+
+    ``kinds`` is a subset of magnitude, gradient, gxo, ig; gradient/gxo also write the per-layer
+    gradient norms (cor_gxo needs them)."""
+    gradients = bool({"gradient", "gxo"} & set(kinds))
+    if "ig" in kinds and ig_steps < 1:
+        raise PipelineError(f"--n_steps must be at least 1 (got {ig_steps})")
+    if ig_batch_size < 1:
+        raise PipelineError(f"--batch_size must be at least 1 (got {ig_batch_size})")
+    out_kinds = list(kinds) + (["grad_norm"] if gradients else [])
+    wanted = [f"{k}_{c}" for k in out_kinds for c in components]
+    labels = run.labels
+    key = json.dumps({"run_id": labels.run_id, "kinds": sorted(wanted), "n_steps": ig_steps,
+                      "num_data": run.num_data})
+    first = run.paths.score(out_kinds[0], components[0])
+    ckpt = SampleCheckpoint(first.with_name(f".{'-'.join(sorted(kinds))}_{'-'.join(components)}"), key)
+    attributor = Attributor(run.model)
+    device = next(run.model.parameters()).device
+    total_tokens = sum(len(labels.label_ids[i]) for i in range(run.num_data))
+    results = []
+    with tqdm(total=total_tokens, desc=f"{'+'.join(kinds)} scores", unit="tok") as bar:
+        for i in range(run.num_data):
+            bar.set_postfix(sample=f"{i + 1}/{run.num_data}")
+            if ckpt.done(i):
+                results.append(ckpt.load(i))
+                bar.update(len(labels.label_ids[i]))
+                continue
+            prompt = torch.tensor([labels.prompt_ids[i]], device=device)
+            scores = attributor.score_sample(prompt, labels.label_ids[i], gradients=gradients,
+                                             ig_steps=ig_steps if "ig" in kinds else 0,
+                                             ig_batch_size=ig_batch_size, on_step=lambda: bar.update(1))
+            row = {name: scores[name] for name in wanted}
+            ckpt.save(i, row)
+            results.append(row)
+    meta = {"run_id": labels.run_id, "settings": labels.settings, "num_samples": run.num_data,
+            "n_steps": ig_steps if "ig" in kinds else None, "producer": producer,
+            "layers": run.layout.num_layers, "heads": run.layout.num_heads,
+            "neurons": run.layout.intermediate}
+    for name in wanted:
+        kind, comp = name.rsplit("_", 1)
+        write_scores(run.paths.score(kind, comp), [r[name] for r in results], dict(meta, kind=kind, component=comp))
+    ckpt.finish()
