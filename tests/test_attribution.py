@@ -1,0 +1,97 @@
+"""The fused attribution equals the naive per-layer, per-step loop (METHOD §3)."""
+import pytest
+import torch
+
+from conftest import VOCAB
+from utils.attribution import Attributor
+from utils.reference import reference_scores
+
+RTOL = 1e-4
+
+
+def assert_close(fast, slow, name):
+    scale = slow.abs().max().clamp_min(1e-12)
+    err = ((fast - slow).abs().max() / scale).item()
+    assert fast.shape == slow.shape, name
+    assert err < RTOL, f"{name}: relative error {err:.2e}"
+
+
+def random_sample(seed, prompt_len=7, label_len=5):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, VOCAB, (1, prompt_len), generator=g)
+    label = torch.randint(0, VOCAB, (label_len,), generator=g).tolist()
+    return prompt, label
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_fused_gradient_gxo_magnitude_match_naive_loop(arch_model, use_cache):
+    _, model = arch_model
+    prompt, label = random_sample(11)
+    fast = Attributor(model).score_sample(prompt, label)
+    slow = reference_scores(model, prompt, label, use_cache=use_cache)
+    expected = {f"{k}_{c}" for k in ("magnitude", "gradient", "gxo", "grad_norm") for c in ("attention", "mlp")}
+    assert set(fast) == expected == set(slow)
+    for key in expected:
+        assert_close(fast[key], slow[key], key)
+    L, H, d = 3, 4, 8
+    assert fast["gxo_attention"].shape == (len(label), L, H)
+    assert fast["gxo_mlp"].shape[:2] == (len(label), L)
+    # the scores are not trivially zero: a wrong sign or a missed site would show
+    assert fast["gxo_attention"].abs().min() > 0 and fast["grad_norm_mlp"].min() > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_batched_ig_matches_naive_ig_loop(arch_model, chunk):
+    _, model = arch_model
+    prompt, label = random_sample(23, prompt_len=5, label_len=3)
+    fast = Attributor(model).score_sample(prompt, label, ig_steps=3, ig_batch_size=chunk)
+    slow = reference_scores(model, prompt, label, ig_steps=3, gradients=False)
+    for comp in ("attention", "mlp"):
+        assert_close(fast[f"ig_{comp}"], slow[f"ig_{comp}"], f"ig_{comp} (chunk {chunk})")
+
+
+def test_ig_with_one_step_equals_gxo(arch_model):
+    _, model = arch_model
+    prompt, label = random_sample(5)
+    s = Attributor(model).score_sample(prompt, label, ig_steps=1)
+    for comp in ("attention", "mlp"):
+        assert_close(s[f"ig_{comp}"], s[f"gxo_{comp}"], comp)
+
+
+def test_ig_differs_from_gxo_with_more_steps(arch_model):
+    """Guards the test above: IG-1 = GxO must not hold because IG ignores alpha."""
+    _, model = arch_model
+    prompt, label = random_sample(5)
+    s = Attributor(model).score_sample(prompt, label, ig_steps=4)
+    diff = (s["ig_mlp"] - s["gxo_mlp"]).abs().max() / s["gxo_mlp"].abs().max()
+    assert diff > 1e-3
+
+
+def test_magnitude_only_pass_equals_fused_magnitudes(arch_model):
+    _, model = arch_model
+    prompt, label = random_sample(3)
+    att = Attributor(model)
+    full = att.score_sample(prompt, label)
+    mags = att.score_sample(prompt, label, gradients=False)
+    assert set(mags) == {"magnitude_attention", "magnitude_mlp"}
+    for comp in ("attention", "mlp"):
+        torch.testing.assert_close(mags[f"magnitude_{comp}"], full[f"magnitude_{comp}"], rtol=1e-5, atol=0)
+
+
+def test_empty_label_gives_zero_steps(arch_model):
+    _, model = arch_model
+    prompt, _ = random_sample(1)
+    s = Attributor(model).score_sample(prompt, [], ig_steps=2)
+    assert s["gxo_attention"].shape == (0, 3, 4)
+    assert s["ig_mlp"].shape[0] == 0 and s["grad_norm_attention"].shape == (0, 3)
+
+
+def test_hooks_leave_the_model_dense_after_scoring(arch_model):
+    _, model = arch_model
+    prompt, label = random_sample(9)
+    with torch.no_grad():
+        before = model(prompt).logits
+    Attributor(model).score_sample(prompt, label, ig_steps=2)
+    with torch.no_grad():
+        after = model(prompt).logits
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
