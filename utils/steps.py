@@ -77,24 +77,9 @@ def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: in
                       "num_data": run.num_data})
     first = run.paths.score(out_kinds[0], components[0])
     ckpt = SampleCheckpoint(first.with_name(f".{'-'.join(sorted(kinds))}_{'-'.join(components)}"), key)
-    attributor = Attributor(run.model)
-    device = next(run.model.parameters()).device
-    total_tokens = sum(len(labels.label_ids[i]) for i in range(run.num_data))
-    results = []
-    with tqdm(total=total_tokens, desc=f"{'+'.join(kinds)} scores", unit="tok") as bar:
-        for i in range(run.num_data):
-            bar.set_postfix(sample=f"{i + 1}/{run.num_data}")
-            if ckpt.done(i):
-                results.append(ckpt.load(i))
-                bar.update(len(labels.label_ids[i]))
-                continue
-            prompt = torch.tensor([labels.prompt_ids[i]], device=device)
-            scores = attributor.score_sample(prompt, labels.label_ids[i], gradients=gradients,
-                                             ig_steps=ig_steps if "ig" in kinds else 0,
-                                             ig_batch_size=ig_batch_size, on_step=lambda: bar.update(1))
-            row = {name: scores[name] for name in wanted}
-            ckpt.save(i, row)
-            results.append(row)
+    with Attributor(run.model) as attributor:
+        results = _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps if "ig" in kinds else 0,
+                                 ig_batch_size, desc=f"{'+'.join(kinds)} scores")
     meta = {"run_id": labels.run_id, "settings": labels.settings, "num_samples": run.num_data,
             "n_steps": ig_steps if "ig" in kinds else None, "producer": producer,
             "layers": run.layout.num_layers, "heads": run.layout.num_heads,
@@ -103,3 +88,25 @@ def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: in
         kind, comp = name.rsplit("_", 1)
         write_scores(run.paths.score(kind, comp), [r[name] for r in results], dict(meta, kind=kind, component=comp))
     ckpt.finish()
+
+
+def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, ig_batch_size, desc) -> list[dict]:
+    """Score every sample not yet in ``ckpt`` (progress in tokens), saving each as it finishes."""
+    labels = run.labels
+    device = next(run.model.parameters()).device
+    total_tokens = sum(len(labels.label_ids[i]) for i in range(run.num_data))
+    results = []
+    with tqdm(total=total_tokens, desc=desc, unit="tok") as bar:
+        for i in range(run.num_data):
+            bar.set_postfix(sample=f"{i + 1}/{run.num_data}")
+            if ckpt.done(i):
+                results.append(ckpt.load(i))
+                bar.update(len(labels.label_ids[i]))
+                continue
+            prompt = torch.tensor([labels.prompt_ids[i]], device=device)
+            scores = attributor.score_sample(prompt, labels.label_ids[i], gradients=gradients,
+                                             ig_steps=ig_steps, ig_batch_size=ig_batch_size, on_step=lambda: bar.update(1))
+            row = {name: scores[name] for name in wanted}
+            ckpt.save(i, row)
+            results.append(row)
+    return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import warnings
+import sys
 
 import torch
 from tqdm.auto import tqdm
@@ -55,7 +55,7 @@ def load_metric_scores(run, metric_names: list[str], explicit: bool) -> dict:
         except PipelineError as err:
             if explicit:
                 raise
-            warnings.warn(f"skipping {metric}: {err}", stacklevel=2)
+            print(f"note: skipping {metric}: {err}", file=sys.stderr)
     if not out:
         raise PipelineError("no metric has its score files; run Mag_attention.py, Mag_mlp.py and "
                             "attribution_attention.py first")
