@@ -79,12 +79,18 @@ def tiny_model_dirs(tmp_path_factory, offline_tokenizer):
     return out
 
 
+QA_ROWS = [{"question": "What colour is the sky on a clear day?", "best_answer": "The sky is blue on a clear day"},
+           {"question": "How many legs does a spider have?", "correct_answers": ["Spiders have eight legs", "Eight"]},
+           {"question": "What is the capital of France?", "best_answer": "Paris is the capital of France"}]
+
+
+def write_qa_file(path: Path) -> Path:
+    """Write the ``qa_file`` dataset to ``path`` (for fixtures wider than one test)."""
+    path.write_text("\n".join(json.dumps(r) for r in QA_ROWS) + "\n")
+    return path
+
+
 @pytest.fixture
 def qa_file(tmp_path):
     """A small local dataset: a best answer for some rows, only a list of correct answers for others."""
-    rows = [{"question": "What colour is the sky on a clear day?", "best_answer": "The sky is blue on a clear day"},
-            {"question": "How many legs does a spider have?", "correct_answers": ["Spiders have eight legs", "Eight"]},
-            {"question": "What is the capital of France?", "best_answer": "Paris is the capital of France"}]
-    path = tmp_path / "qa.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return write_qa_file(tmp_path / "qa.jsonl")

@@ -1,0 +1,194 @@
+"""The real scripts, run as a user runs them (one subprocess per step), on tiny local models and a
+two-question dataset: every file of METHOD §6 with the released layout, and a sweep whose p = 0 point
+reproduces the labels exactly."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import write_qa_file
+from utils.provenance import run_id_of
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+METRICS = ["magnitude", "gradient", "gxo", "snip", "cor_gxo", "ig"]
+RATIOS = [k / 10 for k in range(10)]
+# (folder, kind, component) of every score file the scripts write
+SCORE_FILES = [("magnitude", "magnitude", c) for c in ("attention", "mlp")] + \
+              [("ig", k, c) for k in ("gradient", "gxo", "ig", "grad_norm") for c in ("attention", "mlp")]
+
+
+def run_script(script: str, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} {args} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    return proc
+
+
+# llama: the prompt format from the tokenizer (its chat template), --dataset passed to every step;
+# phi: --prompt_format phi, later steps take dataset and settings from labels.json (only --result_dir)
+CASES = {"llama": {"prompt_format": None, "expect_format": "chat", "dataset_every_step": True},
+         "phi": {"prompt_format": "phi", "expect_format": "phi", "dataset_every_step": False}}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pipeline(request, tiny_model_dirs, tmp_path_factory):
+    """One full pipeline run per architecture, shared by the assertions below."""
+    arch = request.param
+    case = CASES[arch]
+    tmp = tmp_path_factory.mktemp(f"e2e_{arch}")
+    data = write_qa_file(tmp / "qa.jsonl")
+    result = tmp / "result"
+    model_dir = tiny_model_dirs[arch]
+    where = ["--dataset", data, "--result_dir", result, "--device", "cpu"]
+    later = where if case["dataset_every_step"] else ["--result_dir", result, "--device", "cpu"]
+    fmt = ["--prompt_format", case["prompt_format"]] if case["prompt_format"] else []
+    run_script("folder_creation.py", "--dataset", data, "--result_dir", result)
+    for folder in ("ig", "magnitude", "res/both"):
+        assert (result / folder).is_dir()
+    run_script("label_generation.py", "--model_name", model_dir, "--num_data", 2, *fmt, *where)
+    run_script("Mag_attention.py", *later)
+    run_script("Mag_mlp.py", *later)
+    run_script("attribution_attention.py", "--metric", "gradient", "gxo", *later)
+    run_script("attribution_attention.py", "--metric", "ig", "--n_steps", 2, *later)
+    sweep = run_script("main.py", *later)
+    config = json.loads((model_dir / "config.json").read_text())
+    labels = json.loads((result / "labels.json").read_text())
+    return SimpleNamespace(arch=arch, case=case, data=data, result=result, model_dir=model_dir, labels=labels,
+                           sweep_stdout=sweep.stdout, L=config["num_hidden_layers"],
+                           H=config["num_attention_heads"], I=config["intermediate_size"],
+                           res=result / "res" / "both")
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_model_dirs):
+    from transformers import AutoTokenizer
+    return {arch: AutoTokenizer.from_pretrained(str(path)) for arch, path in tiny_model_dirs.items()}
+
+
+def test_labels_json(pipeline, tokenizers):
+    lab = pipeline.labels
+    tok = tokenizers[pipeline.arch]
+    assert len(lab["labels"]) == 2 and len(lab["label_token_ids"]) == 2
+    assert lab["questions"] == ["What colour is the sky on a clear day?", "How many legs does a spider have?"]
+    # the second row has no best_answer: its first correct answer is the reference
+    assert lab["references"] == ["The sky is blue on a clear day", "Spiders have eight legs"]
+    for text, ids, ref in zip(lab["labels"], lab["label_token_ids"], lab["references"]):
+        assert ids and all(isinstance(t, int) for t in ids)
+        assert len(ids) <= len(tok(ref, add_special_tokens=False)["input_ids"])  # budget = reference length
+        assert text == tok.decode(ids, skip_special_tokens=True)
+    s = lab["settings"]
+    assert s["model"] == str(pipeline.model_dir)
+    assert s["dataset"] == str(pipeline.data)
+    assert (s["num_data"], s["dtype"], s["seed"]) == (2, "float32", 0)
+    assert s["prompt_format"] == pipeline.case["expect_format"]
+    assert lab["run_id"] == run_id_of(s, lab["label_token_ids"])
+    prompt = tok.decode(lab["prompt_token_ids"][0])
+    if pipeline.case["expect_format"] == "phi":
+        assert prompt == "Instruct: What colour is the sky on a clear day?\nOutput:"
+    else:
+        assert "What colour is the sky on a clear day?" in prompt and not prompt.startswith("Instruct:")
+        assert prompt == tok.apply_chat_template([{"role": "user", "content": lab["questions"][0]}],
+                                                 add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.parametrize("folder,kind,comp", SCORE_FILES, ids=[f"{k}_{c}" for _, k, c in SCORE_FILES])
+def test_score_file_layout(pipeline, folder, kind, comp):
+    path = pipeline.result / folder / f"{kind}_{comp}_list.pt"
+    tensors = torch.load(path, weights_only=True)
+    assert type(tensors) is list and len(tensors) == 2
+    units = pipeline.H if comp == "attention" else pipeline.I
+    for t, ids in zip(tensors, pipeline.labels["label_token_ids"]):
+        want = (len(ids), pipeline.L) if kind == "grad_norm" else (len(ids), pipeline.L, units)
+        assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+        assert tuple(t.shape) == want
+        assert torch.isfinite(t).all()
+        if kind in ("magnitude", "grad_norm"):
+            assert (t >= 0).all() and (t > 0).any()
+        else:
+            assert (t != 0).any()
+    meta = json.loads((path.parent / f"{kind}_{comp}_list.meta.json").read_text())
+    assert meta["run_id"] == pipeline.labels["run_id"]
+    assert (meta["kind"], meta["component"], meta["num_samples"]) == (kind, comp, 2)
+    assert meta["n_steps"] == (2 if kind == "ig" else None)
+
+
+def test_sweep_outputs(pipeline):
+    res = pipeline.res
+    for name in ("results.json", "results.csv", "tradeoff.png", "tradeoff.pdf"):
+        assert (res / name).stat().st_size > 0, name
+    assert (res / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (res / "tradeoff.pdf").read_bytes()[:5] == b"%PDF-"
+    results = json.loads((res / "results.json").read_text())
+    assert list(results["curves"]) == METRICS
+    for metric in METRICS:
+        per = json.loads((res / f"{metric}.json").read_text())
+        assert per["metric"] == metric and per["points"] == results["curves"][metric]["points"]
+    rows = (res / "results.csv").read_text().strip().splitlines()
+    assert rows[0] == "metric,deactivation_ratio,activation_ratio,bleu,token_agreement,samples"
+    assert len(rows) == 1 + len(METRICS) * len(RATIOS)
+    s = results["settings"]
+    assert s["labels_run_id"] == pipeline.labels["run_id"] and s["num_data"] == 2
+    assert (s["layers"], s["heads"], s["neurons"]) == (pipeline.L, pipeline.H, pipeline.I)
+    assert s["ratios"] == RATIOS and s["mask_layers"] == "all" and s["cor_gxo_variant"] == "paper"
+    for metric in METRICS:
+        assert f"\n{metric} " in "\n" + pipeline.sweep_stdout  # one table row per metric
+
+
+def test_sweep_curves(pipeline):
+    results = json.loads((pipeline.res / "results.json").read_text())
+    masked_steps = sum(len(ids) - 1 for ids in pipeline.labels["label_token_ids"])
+    assert masked_steps > 0  # otherwise nothing below is masked
+    for metric, curve in results["curves"].items():
+        pts = curve["points"]
+        assert curve["samples"] == 2 and len(pts) == 10
+        assert [p["deactivation_ratio"] for p in pts] == RATIOS
+        assert all(p["samples"] == 2 for p in pts)
+        assert pts[0]["activation_ratio"] == 1.0, metric
+        assert pts[0]["bleu"] == pytest.approx(100.0), metric
+        assert pts[0]["token_agreement"] == 1.0, metric
+        acts = [p["activation_ratio"] for p in pts]
+        assert all(a >= b for a, b in zip(acts, acts[1:])), (metric, acts)
+        assert acts[-1] < 0.5, (metric, acts)  # p = 0.9 removes most units of the masked steps
+        assert all(0.0 <= p["bleu"] <= 100.0 + 1e-9 for p in pts)
+    # p = 0 regenerates each label exactly, for every metric and sample
+    per_sample = json.loads((pipeline.res / "per_sample.json").read_text())
+    dense = [r for r in per_sample if r["ratio"] == 0.0]
+    assert len(dense) == len(METRICS) * 2
+    assert all(r["output"] == pipeline.labels["labels"][r["sample"]] for r in dense)
+
+
+def test_no_partial_files_left(pipeline):
+    leftovers = []
+    for folder, dirs, files in os.walk(pipeline.result):
+        leftovers += [os.path.join(folder, d) for d in dirs if d.endswith(".parts")]
+        leftovers += [os.path.join(folder, f) for f in files if f.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_offline_default_labels_one_sample(tmp_path, offline_tokenizer):
+    from utils.data import load_samples
+
+    result = tmp_path / "result"
+    run_script("label_generation.py", "--model_name", "smollm2-135m-instruct", "--dataset", "truthfulqa-offline",
+               "--num_data", 1, "--result_dir", result, "--device", "cpu")
+    lab = json.loads((result / "labels.json").read_text())
+    sample = load_samples("truthfulqa-offline", 1)[0]
+    assert lab["questions"] == [sample.question] and lab["references"] == [sample.reference]
+    assert len(lab["labels"]) == 1 and lab["labels"][0].strip()
+    ids = lab["label_token_ids"][0]
+    budget = len(offline_tokenizer(sample.reference, add_special_tokens=False)["input_ids"])
+    assert 1 <= len(ids) <= budget
+    assert lab["labels"][0] == offline_tokenizer.decode(ids, skip_special_tokens=True)
+    s = lab["settings"]
+    assert (s["model"], s["dataset"], s["num_data"], s["prompt_format"]) == \
+        ("smollm2-135m-instruct", "truthfulqa-offline", 1, "chat")
+    assert not any(p.name.endswith(".parts") for p in result.iterdir())

@@ -1,0 +1,371 @@
+"""Bad inputs: one clear line that says what is wrong and how to fix it, exit code 2, no traceback, and
+nothing half-written.  Scripts run as subprocesses where the command line is what is tested; the library's
+checks are also called directly (faster) with their exact messages."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import write_qa_file
+from utils.errors import PipelineError
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE_HINT = "--model_name smollm2-135m-instruct"
+
+
+def fails(script: str, *args) -> str:
+    """Run a script that must refuse: exit 2 and exactly one line ``error: ...`` on stderr; returns it."""
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under ``root`` with its bytes (to prove a refused command changed nothing)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def files_under(root: Path) -> list:
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def in_process(module: str, *args) -> None:
+    """Run a script's ``main`` in this process (setup only: fast, the model is already imported)."""
+    import importlib
+    importlib.import_module(module).main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_model_dirs, tmp_path_factory):
+    """Labels (tiny Llama, 2 samples) and both magnitude score files; tests work on copies."""
+    tmp = tmp_path_factory.mktemp("errors_run")
+    data = write_qa_file(tmp / "qa.jsonl")
+    result = tmp / "result"
+    where = ["--dataset", data, "--result_dir", result, "--device", "cpu"]
+    in_process("label_generation", "--model_name", tiny_model_dirs["llama"], "--num_data", 2, *where)
+    in_process("Mag_attention", *where)
+    in_process("Mag_mlp", *where)
+    labels = json.loads((result / "labels.json").read_text())
+    return SimpleNamespace(data=data, result=result, labels=labels, model_dir=tiny_model_dirs["llama"])
+
+
+@pytest.fixture
+def run_copy(scored, tmp_path):
+    """A private copy of the scored run: ``(result_dir, where_args)``."""
+    dst = tmp_path / "run"
+    shutil.copytree(scored.result, dst)
+    return dst, ["--dataset", scored.data, "--result_dir", dst, "--device", "cpu"]
+
+
+# -- model and dataset names (label_generation.py) ------------------------------------------------------
+
+def test_unknown_local_model_folder(tmp_path, qa_file):
+    nope, result = tmp_path / "nope", tmp_path / "result"
+    msg = fails("label_generation.py", "--model_name", nope, "--dataset", qa_file, "--num_data", 1,
+                "--result_dir", result, "--device", "cpu")
+    assert msg == f"error: model folder {nope} does not exist; check the path, or use the offline default: {OFFLINE_HINT}"
+    assert files_under(result) == []
+
+
+def test_unknown_hub_model_offline(tmp_path, qa_file):
+    result = tmp_path / "result"
+    msg = fails("label_generation.py", "--model_name", "no-such-org/no-such-model", "--dataset", qa_file,
+                "--num_data", 1, "--result_dir", result, "--device", "cpu")
+    assert msg.startswith("error: could not load model 'no-such-org/no-such-model' as a Hugging Face hub id (")
+    assert "HF_HUB_OFFLINE=1 is set; unset it to download, or use the offline default: " + OFFLINE_HINT in msg
+    assert files_under(result) == []
+
+
+def _no_question(tmp):
+    (tmp / "noq.jsonl").write_text(json.dumps({"prompt": "What is 2+2?", "best_answer": "Four"}) + "\n")
+    return tmp / "noq.jsonl", [f"{tmp / 'noq.jsonl'}, row 0 has no 'question' text",
+                               "every row needs a 'question' column"]
+
+
+def _no_answer(tmp):
+    (tmp / "noa.jsonl").write_text(json.dumps({"question": "What is 2+2?", "comment": "Four"}) + "\n")
+    return tmp / "noa.jsonl", [f"{tmp / 'noa.jsonl'}, row 0 has no 'best_answer' and no non-empty list of answers",
+                               "(correct_answers, answer, answers); add one of those columns"]
+
+
+def _unknown(tmp):
+    return "no-such-dataset", ["unknown dataset 'no-such-dataset': use truthfulqa, truthfulqa-offline, "
+                               "or the path of a .json/.jsonl/.csv file"]
+
+
+@pytest.mark.parametrize("make", [_unknown, _no_question, _no_answer], ids=["unknown", "no_question", "no_answer"])
+def test_bad_dataset(make, tmp_path, tiny_model_dirs):
+    dataset, fragments = make(tmp_path)
+    result = tmp_path / "result"
+    msg = fails("label_generation.py", "--model_name", tiny_model_dirs["llama"], "--dataset", dataset,
+                "--num_data", 1, "--result_dir", result, "--device", "cpu")
+    for fragment in fragments:
+        assert fragment in msg
+    assert files_under(result) == []
+
+
+def test_num_data_larger_than_dataset(tmp_path, qa_file, tiny_model_dirs):
+    result = tmp_path / "result"
+    msg = fails("label_generation.py", "--model_name", tiny_model_dirs["llama"], "--dataset", qa_file,
+                "--num_data", 5, "--result_dir", result, "--device", "cpu")
+    assert msg == (f"error: --num_data 5 is larger than the dataset (3 samples in {qa_file}); "
+                   "use --num_data 3 or less")
+    assert files_under(result) == []
+
+
+# -- steps run out of order ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["Mag_attention.py", "attribution_attention.py", "main.py"])
+def test_step_before_labels(script, tmp_path, qa_file):
+    result = tmp_path / "result"
+    msg = fails(script, "--dataset", qa_file, "--result_dir", result, "--device", "cpu")
+    assert msg == (f"error: no labels at {result / 'labels.json'}: run label_generation.py first "
+                   "(with the same --dataset / --result_dir)")
+    assert files_under(result) == []
+
+
+def test_sweep_before_attribution(run_copy):
+    result, where = run_copy
+    before = snapshot(result)
+    msg = fails("main.py", "--metric_name", "gxo", *where)
+    assert msg == f"error: missing {result / 'ig' / 'gxo_attention_list.pt'}: run attribution_attention.py --metric gxo first"
+    assert snapshot(result) == before  # no results.json, no figure
+
+
+# -- bad flags ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script,args,expected", [
+    ("attribution_attention.py", ["--metric", "gxo", "shap"], "error: unknown --metric shap; choose from gradient, gxo, ig"),
+    ("attribution_attention.py", ["--metric", "ig", "--n_steps", "0"], "error: --n_steps must be at least 1 (got 0)"),
+    ("main.py", ["--metric_name", "gxo", "random"],
+     "error: unknown --metric_name random; choose from magnitude, gradient, gxo, snip, cor_gxo, ig or all"),
+    ("main.py", ["--mask_layers", "first-ten"], "error: cannot read --mask_layers 'first-ten'; write e.g. 0-23 or 0,2,5-7"),
+], ids=["metric", "n_steps", "metric_name", "mask_layers"])
+def test_bad_flag(script, args, expected, run_copy):
+    result, where = run_copy
+    before = snapshot(result)
+    assert fails(script, *args, *where) == expected
+    assert snapshot(result) == before
+
+
+def test_flag_contradicting_labels(run_copy, scored, tiny_model_dirs, tmp_path):
+    result, _ = run_copy
+    labels = result / "labels.json"
+    before = snapshot(result)
+    base = ["--result_dir", result, "--device", "cpu"]
+    msg = fails("Mag_attention.py", "--dtype", "bfloat16", *base)
+    assert msg == (f"error: --dtype bfloat16 differs from the run that made {labels} (dtype = float32); drop the "
+                   "flag to use the labels' setting, or rerun label_generation.py with it")
+    msg = fails("attribution_attention.py", "--model_name", tiny_model_dirs["phi"], *base)
+    assert msg.startswith(f"error: --model_name {tiny_model_dirs['phi']} differs from the run that made {labels} "
+                          f"(model = {scored.model_dir}); drop the flag")
+    other = write_qa_file(tmp_path / "other.jsonl")
+    msg = fails("Mag_mlp.py", "--dataset", other, *base)
+    assert msg.startswith(f"error: --dataset {other} differs from the run that made {labels} (dataset = {scored.data})")
+    assert snapshot(result) == before
+
+
+def test_num_data_larger_than_labels(run_copy):
+    result, where = run_copy
+    msg = fails("Mag_attention.py", "--num_data", 3, *where)
+    assert msg == (f"error: --num_data 3, but {result / 'labels.json'} holds 2 samples; "
+                   "rerun label_generation.py --num_data 3")
+
+
+# -- score files that do not belong to the labels or the model ---------------------------------------------
+
+def test_scores_with_wrong_shape(run_copy, scored):
+    result, where = run_copy
+    path = result / "magnitude" / "magnitude_attention_list.pt"
+    T = [len(ids) for ids in scored.labels["label_token_ids"]]
+    torch.save([torch.ones(t, 2, 5) for t in T], path)  # 5 heads: the tiny Llama has 4; meta.json kept
+    before = snapshot(result)
+    msg = fails("main.py", "--metric_name", "magnitude", *where)
+    assert msg == (f"error: {path}: sample 0 has shape ({T[0]}, 2, 5), but this model and label need ({T[0]}, 2, 4); "
+                   "the file belongs to another model: rerun Mag_attention.py")
+    assert snapshot(result) == before
+
+
+def test_scores_from_other_labels(run_copy, scored):
+    result, where = run_copy
+    in_process("label_generation", "--model_name", scored.model_dir, "--num_data", 1, *where)
+    new = json.loads((result / "labels.json").read_text())
+    assert new["run_id"] != scored.labels["run_id"] and len(new["labels"]) == 1
+    msg = fails("main.py", "--metric_name", "magnitude", *where)
+    path = result / "magnitude" / "magnitude_attention_list.pt"
+    assert msg == (f"error: {path} was computed from other labels (run {scored.labels['run_id']}, {scored.model_dir}) "
+                   f"than {result / 'labels.json'} (run {new['run_id']}, {scored.model_dir}); rerun Mag_attention.py")
+    assert not (result / "res" / "both" / "results.json").exists()
+
+
+def test_non_finite_scores(run_copy):
+    result, where = run_copy
+    path = result / "magnitude" / "magnitude_mlp_list.pt"
+    tensors = torch.load(path, weights_only=True)
+    tensors[1][0, 1, 3] = float("nan")
+    torch.save(tensors, path)
+    msg = fails("main.py", "--metric_name", "magnitude", *where)
+    assert msg == (f"error: {path}: sample 1 holds non-finite scores; rerun Mag_mlp.py "
+                   "(with --dtype float32 if it overflowed)")
+    assert not (result / "res" / "both" / "results.json").exists()
+
+
+# -- the library's checks, called directly -----------------------------------------------------------------
+
+def raises(fn, *args, **kwargs) -> str:
+    with pytest.raises(PipelineError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def test_load_samples_errors(tmp_path, qa_file):
+    from utils.data import load_samples
+
+    assert raises(load_samples, "truthful-qa").startswith("unknown dataset 'truthful-qa': use truthfulqa, ")
+    msg = raises(load_samples, str(qa_file), 4)
+    assert msg == f"--num_data 4 is larger than the dataset (3 samples in {qa_file}); use --num_data 3 or less"
+    assert raises(load_samples, str(qa_file), 0) == "--num_data must be at least 1 (got 0)"
+    csv_file = tmp_path / "qa.csv"
+    csv_file.write_text("question,best_answer\nWhat is 2+2?,Four\n,Nothing\n")
+    assert raises(load_samples, str(csv_file)) == (f"{csv_file}, row 1 has no 'question' text; "
+                                                   "every row needs a 'question' column")
+    json_file = tmp_path / "qa.json"
+    json_file.write_text(json.dumps({"rows": [{"question": "Why?", "answers": []}]}))
+    assert raises(load_samples, str(json_file)).startswith(f"{json_file}, row 0 has no 'best_answer' and no "
+                                                          "non-empty list of answers")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "Why?", \n')
+    assert raises(load_samples, str(broken)).startswith(f"cannot parse {broken}: ")
+    txt = tmp_path / "qa.txt"
+    txt.write_text("question\n")
+    assert raises(load_samples, str(txt)) == "unsupported dataset file type '.txt'; use .json, .jsonl or .csv"
+    # what does load: a list of correct answers (or a ';'-separated string) stands in for best_answer
+    samples = load_samples(str(qa_file), 2)
+    assert [s.reference for s in samples] == ["The sky is blue on a clear day", "Spiders have eight legs"]
+    csv_file.write_text("question,answers\nWhat is 2+2?,Four; 4\n")
+    assert load_samples(str(csv_file))[0].reference == "Four"
+
+
+def test_load_labels_errors(tmp_path):
+    from utils.provenance import load_labels
+
+    path = tmp_path / "labels.json"
+    assert raises(load_labels, path) == (f"no labels at {path}: run label_generation.py first "
+                                         "(with the same --dataset / --result_dir)")
+    path.write_text(json.dumps({"labels": ["a"]}))
+    assert raises(load_labels, path) == f"{path} is not a labels file of this pipeline; rerun label_generation.py"
+
+
+def test_load_scores_errors(run_copy, scored, tiny_model_dirs):
+    from utils.provenance import load_labels, load_scores, meta_path
+
+    result, where = run_copy
+    labels = load_labels(result / "labels.json")
+    shape = lambda T: (T, 2, 4)  # noqa: E731  (tiny Llama: 2 layers, 4 heads)
+    path = result / "magnitude" / "magnitude_attention_list.pt"
+    tensors = load_scores(path, labels, shape, "Mag_attention.py")
+    assert [tuple(t.shape) for t in tensors] == [shape(len(ids)) for ids in labels.label_ids]
+
+    missing = result / "ig" / "gxo_attention_list.pt"
+    assert raises(load_scores, missing, labels, shape, "attribution_attention.py --metric gxo") == \
+        f"missing {missing}: run attribution_attention.py --metric gxo first"
+    assert raises(load_scores, path, labels, lambda T: (T, 2, 3), "Mag_attention.py").endswith(
+        "but this model and label need " f"({len(labels.label_ids[0])}, 2, 3); the file belongs to another model: "
+        "rerun Mag_attention.py")
+    torch.save(tensors + [tensors[0]], path)  # three tensors for two labels
+    assert raises(load_scores, path, labels, shape, "Mag_attention.py") == \
+        f"{path} does not hold one tensor per labelled sample; rerun Mag_attention.py"
+    meta_path(path).unlink()
+    assert raises(load_scores, path, labels, shape, "Mag_attention.py") == \
+        f"{path} has no provenance file (magnitude_attention_list.meta.json); rerun Mag_attention.py"
+
+    # labels from another model folder: the MLP scores (still with their meta) no longer belong to them
+    in_process("label_generation", "--model_name", tiny_model_dirs["phi"], "--num_data", 2, *where)
+    phi_labels = load_labels(result / "labels.json")
+    mlp = result / "magnitude" / "magnitude_mlp_list.pt"
+    msg = raises(load_scores, mlp, phi_labels, lambda T: (T, 2, 48), "Mag_mlp.py")
+    assert msg == (f"{mlp} was computed from other labels (run {scored.labels['run_id']}, {tiny_model_dirs['llama']}) "
+                   f"than {phi_labels.path} (run {phi_labels.run_id}, {tiny_model_dirs['phi']}); rerun Mag_mlp.py")
+
+
+def test_write_scores_refuses_non_finite(tmp_path):
+    from utils.provenance import meta_path, write_scores
+
+    path = tmp_path / "gxo_attention_list.pt"
+    bad = [torch.zeros(2, 2, 4), torch.tensor([[[0.0, float("inf")]]])]
+    msg = raises(write_scores, path, bad, {"run_id": "x"})
+    assert msg == ("non-finite scores for sample 1 in gxo_attention_list.pt; the model overflowed "
+                   "(try --dtype float32) and nothing was written")
+    assert list(tmp_path.iterdir()) == []
+    assert not meta_path(path).exists()
+
+
+def test_mask_and_layer_errors():
+    from utils.masks import keep_masks, layer_selection, parse_layers, ranking
+
+    scores = torch.arange(8.0).reshape(2, 4)
+    assert raises(keep_masks, scores, [0.0, 1.0]) == "deactivation ratio 1.0 is outside [0, 1)"
+    assert raises(keep_masks, scores, [-0.1]) == "deactivation ratio -0.1 is outside [0, 1)"
+    assert keep_masks(scores, [0.0, 0.5]).sum(dim=(1, 2)).tolist() == [8, 4]  # the valid ratios do work
+    assert raises(parse_layers, "0-a") == "cannot read --mask_layers '0-a'; write e.g. 0-23 or 0,2,5-7"
+    assert parse_layers("0-2,5") == [0, 1, 2, 5]
+    assert raises(layer_selection, [0, 2], 2) == "--mask_layers names layer 2, but the model has layers 0-1"
+    s = {"gxo": scores, "magnitude": scores, "grad_norm": scores[..., 0], "gradient": scores}
+    assert raises(ranking, "cor_gxo", "attention", s, 8, "bogus") == \
+        "unknown --cor_gxo_variant 'bogus'; choose paper, released"
+    assert raises(ranking, "shapley", "mlp", s, 8).startswith("unknown metric 'shapley'; choose one of magnitude, ")
+
+
+def test_device_dtype_and_prompt_format_errors(monkeypatch):
+    from utils.models import resolve_device, resolve_dtype
+    from utils.prompts import resolve_prompt_format
+
+    assert raises(resolve_dtype, "float8") == ("unknown --dtype 'float8'; choose one of bf16, bfloat16, float16, "
+                                               "float32, float64, fp16, fp32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert raises(resolve_device, "cuda:1") == ("--device cuda:1 asked for, but PyTorch sees no CUDA GPU; "
+                                                "use --device cpu")
+    no_template = SimpleNamespace(chat_template=None)
+    assert raises(resolve_prompt_format, "chat", no_template) == \
+        "--prompt_format chat, but this tokenizer has no chat template; use phi"
+    assert raises(resolve_prompt_format, "alpaca", no_template).startswith("unknown --prompt_format 'alpaca'")
+
+
+def test_check_requested(run_copy):
+    from utils.provenance import check_requested, load_labels
+
+    result, _ = run_copy
+    labels = load_labels(result / "labels.json")
+    check_requested({"dtype": "fp32", "seed": 0, "model": None}, labels)  # an alias of the labels' dtype agrees
+    check_requested({"dtype": "float32", "prompt_format": "chat"}, labels)
+    assert raises(check_requested, {"dtype": "fp16"}, labels).startswith(
+        f"--dtype float16 differs from the run that made {labels.path} (dtype = float32)")
+    assert raises(check_requested, {"seed": 1}, labels).startswith(
+        f"--seed 1 differs from the run that made {labels.path} (seed = 0); drop the flag")
+    assert raises(check_requested, {"dtype": "half-ish"}, labels).startswith("unknown --dtype 'half-ish'")
+
+
+def test_load_model_errors(tmp_path):
+    from utils.models import load_model_and_tokenizer
+
+    nope = tmp_path / "nope"
+    assert raises(load_model_and_tokenizer, str(nope)) == \
+        f"model folder {nope} does not exist; check the path, or use the offline default: {OFFLINE_HINT}"
+    assert raises(load_model_and_tokenizer, str(tmp_path / "m.gguf")) == f"GGUF file {tmp_path / 'm.gguf'} not found"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = raises(load_model_and_tokenizer, str(empty))
+    assert msg.startswith(f"could not load model '{empty}' as a local folder (") and msg.endswith(OFFLINE_HINT)
