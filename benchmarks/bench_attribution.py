@@ -25,6 +25,19 @@ from utils.attribution import Attributor  # noqa: E402
 from utils.reference import reference_scores  # noqa: E402
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The Phi-shaped model and prompt both benchmarks build (CPU-sized defaults; Phi-2: --hidden 2560
+    --intermediate 10240)."""
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=51200)
+    p.add_argument("--prompt_len", type=int, default=24)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+
+
 def build(args):
     torch.manual_seed(0)
     cfg = PhiConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -57,15 +70,8 @@ def rel_err(a, b):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=51200)
-    p.add_argument("--prompt_len", type=int, default=24)
+    add_model_args(p)
     p.add_argument("--label_len", type=int, default=6)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--naive_layers", type=int, default=None, help="time the naive loop on this many layers and scale")
     p.add_argument("--ig_steps", type=int, default=0, help="also time IG with this many steps")
     p.add_argument("--ig_batch_size", type=int, default=64)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attribution import build, sync  # noqa: E402
+from bench_attribution import add_model_args, build, sync  # noqa: E402
 
 from utils.generation import masked_generate  # noqa: E402
 from utils.masks import DEFAULT_RATIOS, keep_masks  # noqa: E402
@@ -26,16 +26,9 @@ from utils.sites import ATTN, MLP, SiteHooks, locate_units  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=51200)
-    p.add_argument("--prompt_len", type=int, default=24)
+    add_model_args(p)
     p.add_argument("--tokens", type=int, default=20)
     p.add_argument("--metrics", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 

@@ -110,3 +110,13 @@ def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, ig_batch_
             ckpt.save(i, row)
             results.append(row)
     return results
+
+
+def magnitude_step(comp: str, script: str, description: str, defaults: dict, argv=None) -> None:
+    """Mag_attention.py / Mag_mlp.py: magnitudes of one component for every labelled sample."""
+    from .cli import common_parser, open_run
+
+    args = common_parser(description, defaults).parse_args(argv)
+    run = open_run(args)
+    compute_scores(run, ["magnitude"], components=(comp,), producer=script)
+    print(f"wrote {run.paths.magnitude(comp)}")
