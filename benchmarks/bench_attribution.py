@@ -113,6 +113,11 @@ def main():
         res.update(ig_steps=args.ig_steps, ig_fused_s=t_ig, ig_naive_s=t_ig_slow * scale,
                    ig_speedup=t_ig_slow * scale / t_ig,
                    ig_max_rel_err=max(rel_err(ig[k][:, layers], ig_slow[k]) for k in ig_slow))
+    report(res, args)
+
+
+def report(res: dict, args) -> None:
+    """Add the peak GPU memory, print the numbers, and write them to --json if given."""
     if args.device.startswith("cuda"):
         res["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(res, indent=1))

@@ -8,7 +8,6 @@ prompt and masks.  Checks that both give the same tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attribution import add_model_args, build, sync  # noqa: E402
+from bench_attribution import add_model_args, build, report, sync  # noqa: E402
 
 from utils.generation import masked_generate  # noqa: E402
 from utils.masks import DEFAULT_RATIOS, keep_masks  # noqa: E402
@@ -60,11 +59,7 @@ def main():
            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
            "runs": B, "tokens_per_run": args.tokens, "batched_s": t_batched, "one_by_one_s": t_single,
            "speedup": t_single / t_batched, "identical_outputs": f"{same}/{B}"}
-    if args.device.startswith("cuda"):
-        res["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print(json.dumps(res, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    report(res, args)
 
 
 if __name__ == "__main__":

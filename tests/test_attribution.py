@@ -33,7 +33,7 @@ def test_fused_gradient_gxo_magnitude_match_naive_loop(arch_model, use_cache):
     assert set(fast) == expected == set(slow)
     for key in expected:
         assert_close(fast[key], slow[key], key)
-    L, H, d = 3, 4, 8
+    L, H = 3, 4
     assert fast["gxo_attention"].shape == (len(label), L, H)
     assert fast["gxo_mlp"].shape[:2] == (len(label), L)
     # the scores are not trivially zero: a wrong sign or a missed site would show

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import cache_argument_name, detach_cache_, output_cache, repeated_cache
-from .sites import ATTN, COMPONENTS, MLP, SiteHooks
+from .kv_cache import cache_argument_name, detach_cache_, forward_kwargs, output_cache, repeated_cache
+from .sites import ATTN, COMPONENTS, SiteHooks
 
 SCORE_METRICS = ("gradient", "gxo", "ig")
 
@@ -80,9 +80,7 @@ class Attributor:
 
     # -- one forward pass -------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, cache):
-        kwargs = {"input_ids": input_ids, "use_cache": True}
-        if cache is not None:
-            kwargs[self._cache_name] = cache
+        kwargs = forward_kwargs(self._cache_name, input_ids, cache)
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
@@ -122,7 +120,7 @@ class Attributor:
                 sites = sorted({(c, l) for c, l, _ in chunk})
                 grads = torch.autograd.grad(loss, [self.hooks.probes[c][l] for c, l in sites])
             by_site = dict(zip(sites, grads))
-            for b, (c, l, k) in enumerate(chunk):
+            for b, (c, l, _) in enumerate(chunk):
                 g = by_site[(c, l)][b].float()
                 sums[(c, l)] = sums[(c, l)] + g if (c, l) in sums else g
             del batch_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import cache_argument_name, output_cache, repeated_cache
+from .kv_cache import cache_argument_name, forward_kwargs, output_cache, repeated_cache
 from .sites import ATTN, MLP, SiteHooks
 
 
@@ -43,7 +43,7 @@ def masked_generate(model, hooks: SiteHooks, prompt_ids: torch.Tensor, keep: dic
         return [[] for _ in range(B)]
     cache_name = cache_argument_name(model)
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
-    out = model(input_ids=prompt_ids.to(device), use_cache=True)
+    out = model(**forward_kwargs(cache_name, prompt_ids.to(device)))
     first = out.logits[:, -1].argmax(-1)                        # step 0: dense, shared by all
     cache = repeated_cache(output_cache(out), B)
     tokens = [first.expand(B)]
@@ -55,7 +55,7 @@ def masked_generate(model, hooks: SiteHooks, prompt_ids: torch.Tensor, keep: dic
         if t < T:
             masks = {ATTN: keep[ATTN][:, t].to(device), MLP: keep[MLP][:, t].to(device)}
         with hooks.settings(masks=masks):
-            out = model(input_ids=tokens[-1][:, None], use_cache=True, **{cache_name: cache})
+            out = model(**forward_kwargs(cache_name, tokens[-1][:, None], cache))
         cache = output_cache(out)
         nxt = out.logits[:, -1].argmax(-1)
         tokens.append(nxt)

@@ -17,6 +17,14 @@ def cache_argument_name(model) -> str:
     return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
+def forward_kwargs(cache_name: str, input_ids, cache=None, use_cache: bool = True) -> dict:
+    """Keyword arguments of one forward pass, passing ``cache`` under this version's argument name."""
+    kwargs = {"input_ids": input_ids, "use_cache": use_cache}
+    if cache is not None:
+        kwargs[cache_name] = cache
+    return kwargs
+
+
 def output_cache(outputs):
     """The cache a forward pass returned (``cache`` in newer ``transformers``, else ``past_key_values``)."""
     cache = outputs.get("cache") if hasattr(outputs, "get") else None

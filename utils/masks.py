@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PipelineError
-from .sites import ATTN, COMPONENTS, MLP, ModelLayout
+from .sites import ATTN, MLP, ModelLayout
 
 METRIC_NAMES = ("magnitude", "gradient", "gxo", "snip", "cor_gxo", "ig")
 COR_GXO_VARIANTS = ("paper", "released")

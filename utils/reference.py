@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .attribution import ig_from_gradients, unit_scores
-from .kv_cache import cache_argument_name, output_cache, repeated_cache
-from .sites import ATTN, COMPONENTS, MLP, ModelLayout, locate_units
+from .kv_cache import cache_argument_name, forward_kwargs, output_cache, repeated_cache
+from .sites import ATTN, COMPONENTS, ModelLayout, locate_units
 
 
 def _site_module(layout: ModelLayout, comp: str, layer: int):
@@ -22,10 +22,7 @@ def _site_module(layout: ModelLayout, comp: str, layer: int):
 
 
 def _forward_logits(model, ids, cache, cache_name):
-    kwargs = {"input_ids": ids, "use_cache": cache is not None}
-    if cache is not None:
-        kwargs[cache_name] = cache
-    return model(**kwargs).logits[0, -1].float()
+    return model(**forward_kwargs(cache_name, ids, cache, use_cache=cache is not None)).logits[0, -1].float()
 
 
 def _site_gradient(model, layout, comp, layer, ids, target, alpha, first_step, cache, cache_name):
@@ -61,10 +58,7 @@ def _dense_outputs(model, layout, ids, cache, cache_name):
             handles.append(_site_module(layout, comp, layer).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            kwargs = {"input_ids": ids, "use_cache": cache is not None}
-            if cache is not None:
-                kwargs[cache_name] = cache
-            out = model(**kwargs)
+            out = model(**forward_kwargs(cache_name, ids, cache, use_cache=cache is not None))
     finally:
         for h in handles:
             h.remove()

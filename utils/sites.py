@@ -75,7 +75,7 @@ class ModelLayout:
 
 
 def _decoder_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers > 0:
             return module
     raise PipelineError(f"unsupported architecture {type(model).__name__}: found no list of "

@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attribution import Attributor
+from .cli import common_parser, open_run, seed_everything
 from .data import load_samples
 from .errors import PipelineError
 from .generation import dense_label
@@ -26,8 +27,6 @@ def create_folders(paths: ResultPaths) -> None:
 def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_data: int | None, device: str,
                     dtype: str, seed: int, prompt_format: str) -> dict:
     """Dense greedy labels (METHOD §2) -> ``labels.json``; returns its content."""
-    from .cli import seed_everything
-
     samples = load_samples(dataset, num_data)  # fails fast on a bad dataset, before loading a model
     seed_everything(seed)
     model, tokenizer = load_model_and_tokenizer(model_name, resolve_device(device), resolve_dtype(dtype))
@@ -114,8 +113,6 @@ def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, ig_batch_
 
 def magnitude_step(comp: str, script: str, description: str, defaults: dict, argv=None) -> None:
     """Mag_attention.py / Mag_mlp.py: magnitudes of one component for every labelled sample."""
-    from .cli import common_parser, open_run
-
     args = common_parser(description, defaults).parse_args(argv)
     run = open_run(args)
     compute_scores(run, ["magnitude"], components=(comp,), producer=script)
