@@ -6,13 +6,15 @@ gradient and gxo for all layers come from one forward and one backward per token
 --metric gradient gxo).  ig runs every (layer, component, alpha-step) of a token as one batch, split into
 chunks of --batch_size."""
 from utils.cli import common_parser, open_run
+from utils.distributed import current_shard
 from utils.errors import PipelineError, cli_entry
-from utils.attribution import SCORE_METRICS
+from utils.attribution import SCORE_METRICS, STEP_MODES
 from utils.steps import compute_scores
 
 METRICS = ["gradient", "gxo"]   # any of gradient, gxo, ig
 N_STEPS = 20                    # integrated-gradients steps (alpha_k = k / n)
-BATCH_SIZE = 64                 # IG elements per forward/backward: lower it if memory runs out
+BATCH_SIZE = 64                 # IG elements (or batched steps) per forward/backward: lower it if memory runs out
+STEP_MODE = "auto"              # cached: one token per pass (CPU); batched: all steps of a sample at once (GPU)
 DATASET = "truthfulqa"
 RESULT_DIR = None
 NUM_DATA = None                 # None: every labelled sample
@@ -25,7 +27,10 @@ def main(argv=None):
                                      "device": DEVICE})
     parser.add_argument("--metric", nargs="+", default=METRICS, help="gradient, gxo and/or ig")
     parser.add_argument("--n_steps", type=int, default=N_STEPS, help="IG steps")
-    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="IG elements per pass")
+    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE,
+                        help="IG elements (or steps, with --step_mode batched) per pass")
+    parser.add_argument("--step_mode", default=STEP_MODE, choices=STEP_MODES,
+                        help="auto: batched for gradient/gxo on CUDA, cached otherwise")
     args = parser.parse_args(argv)
     unknown = [m for m in args.metric if m not in SCORE_METRICS]
     if unknown:
@@ -34,9 +39,10 @@ def main(argv=None):
         raise PipelineError(f"--n_steps must be at least 1 (got {args.n_steps})")
     run = open_run(args)
     kinds = [m for m in SCORE_METRICS if m in args.metric]
-    compute_scores(run, kinds, ig_steps=args.n_steps, ig_batch_size=args.batch_size,
+    compute_scores(run, kinds, ig_steps=args.n_steps, ig_batch_size=args.batch_size, step_mode=args.step_mode,
                    producer=f"attribution_attention.py --metric {' '.join(kinds)}")
-    print(f"wrote {', '.join(kinds)} scores for {run.num_data} samples under {run.paths.root / 'ig'}")
+    if current_shard().is_main:
+        print(f"wrote {', '.join(kinds)} scores for {run.num_data} samples under {run.paths.root / 'ig'}")
 
 
 if __name__ == "__main__":

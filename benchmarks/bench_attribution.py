@@ -72,6 +72,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--label_len", type=int, default=6)
+    p.add_argument("--step_mode", default="auto", help="ours: auto (batched on CUDA), cached or batched")
+    p.add_argument("--step_batch_size", type=int, default=64)
     p.add_argument("--naive_layers", type=int, default=None, help="time the naive loop on this many layers and scale")
     p.add_argument("--ig_steps", type=int, default=0, help="also time IG with this many steps")
     p.add_argument("--ig_batch_size", type=int, default=64)
@@ -84,14 +86,16 @@ def main():
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=g).to(args.device)
     label = torch.randint(0, args.vocab, (args.label_len,), generator=g).tolist()
     att = Attributor(model)
-    att.score_sample(prompt, label[:2])  # warm-up
+    fused = lambda: att.score_sample(prompt, label, step_mode=args.step_mode,  # noqa: E731
+                                     step_batch_size=args.step_batch_size)
+    fused()  # warm-up
     # a subset of layers spread evenly over depth: a naive site's backward stops at its layer, so the
     # first layers alone would overstate the naive cost
     n = args.naive_layers or args.layers
     layers = sorted({round(i * (args.layers - 1) / max(n - 1, 1)) for i in range(n)})
     scale = args.layers / len(layers)
 
-    t_fast, fast = timed(lambda: att.score_sample(prompt, label), args.device, args.repeat)
+    t_fast, fast = timed(fused, args.device, args.repeat)
     t_slow, slow = timed(lambda: reference_scores(model, prompt, label, use_cache=True, layers=layers), args.device)
     t_slow_all = t_slow * scale
     err = max(rel_err(fast[k][:, layers], slow[k]) for k in slow)
@@ -100,6 +104,7 @@ def main():
            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "prompt_len": args.prompt_len, "tokens": args.label_len,
+           "step_mode": args.step_mode,
            "fused_s": t_fast, "naive_s": t_slow_all, "naive_layers_timed": len(layers),
            "fused_ms_per_token": 1e3 * t_fast / args.label_len,
            "naive_ms_per_token": 1e3 * t_slow_all / args.label_len,

@@ -153,7 +153,9 @@ def test_sweep_before_attribution(run_copy):
     ("main.py", ["--metric_name", "gxo", "random"],
      "error: unknown --metric_name random; choose from magnitude, gradient, gxo, snip, cor_gxo, ig or all"),
     ("main.py", ["--mask_layers", "first-ten"], "error: cannot read --mask_layers 'first-ten'; write e.g. 0-23 or 0,2,5-7"),
-], ids=["metric", "n_steps", "metric_name", "mask_layers"])
+    ("attribution_attention.py", ["--metric", "ig", "--step_mode", "batched"],
+     "error: --step_mode batched does not run integrated gradients; use auto or cached for ig"),
+], ids=["metric", "n_steps", "metric_name", "mask_layers", "step_mode"])
 def test_bad_flag(script, args, expected, run_copy):
     result, where = run_copy
     before = snapshot(result)

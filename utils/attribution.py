@@ -10,6 +10,12 @@ Integrated gradients scale one component of one layer by alpha_k = k/n at every 
 computes.  Each (component, layer, k) is one element of a batch that shares the step's dense KV cache;
 batch elements are independent, so one backward of the summed loss gives every element its own
 gradient.  ``ig_batch_size`` bounds how many elements run at once (memory).
+
+``step_mode="batched"`` computes gradient, GxO and magnitudes of all steps of a sample as one batch
+instead (no integrated gradients): element t is the whole teacher-forced sequence prompt + label[:T-1]
+with its probe and loss at position P-1+t.  Causal attention makes the positions after P-1+t irrelevant
+to that loss, so this equals the per-step computation; it does T times the arithmetic in a few large
+passes, which a GPU runs far faster than T small ones (a CPU does not: ``auto`` picks it on CUDA only).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from .kv_cache import cache_argument_name, detach_cache_, forward_kwargs, output
 from .sites import ATTN, COMPONENTS, SiteHooks
 
 SCORE_METRICS = ("gradient", "gxo", "ig")
+STEP_MODES = ("auto", "cached", "batched")
 
 
 @dataclass
@@ -126,26 +133,70 @@ class Attributor:
             del batch_cache
         return {key: value / n_steps for key, value in sums.items()}
 
+    def _batched_steps(self, prompt_ids, labels, with_grad: bool, batch_size: int):
+        """x (and g) at every step's position, all steps teacher-forced as batch elements.
+
+        Returns per step t: ``({comp: [x_l]}, {(comp, l): g} or None)`` like the cached dense pass."""
+        P, T = prompt_ids.shape[1], labels.shape[0]
+        seq = torch.cat([prompt_ids[0], labels[:-1]])[None]          # [1, P+T-1]
+        out = []
+        for start in range(0, T, batch_size):
+            steps = torch.arange(start, min(start + batch_size, T), device=seq.device)
+            B = steps.shape[0]
+            positions = P - 1 + steps
+            with torch.set_grad_enabled(with_grad), \
+                    self.hooks.settings(record=True, probe=with_grad, positions=positions):
+                logits = self.model(**forward_kwargs(self._cache_name, seq.expand(B, -1), use_cache=False)).logits
+                grads = None
+                if with_grad:
+                    rows = logits[torch.arange(B, device=seq.device), positions].float()
+                    # elements are independent, so the summed loss gives each its own gradient
+                    loss = F.cross_entropy(rows, labels[steps], reduction="sum")
+                    grads = torch.autograd.grad(loss, self.hooks.all_probes())
+                recorded = {c: list(self.hooks.recorded[c]) for c in COMPONENTS}
+            L = self.layout.num_layers
+            for b in range(B):
+                xs = {c: [recorded[c][l][b:b + 1] for l in range(L)] for c in COMPONENTS}
+                g = None
+                if grads is not None:
+                    g = {(c, l): grads[i * L + l][b:b + 1] for i, c in enumerate(COMPONENTS) for l in range(L)}
+                out.append((xs, g))
+        return out
+
     # -- one sample -------------------------------------------------------------------------------
     def score_sample(self, prompt_ids: torch.Tensor, label_ids: list[int], *, gradients: bool = True,
-                     ig_steps: int = 0, ig_batch_size: int = 64, on_step=None) -> dict:
+                     ig_steps: int = 0, ig_batch_size: int = 64, on_step=None, step_mode: str = "cached",
+                     step_batch_size: int = 64) -> dict:
         """Scores for every step of one sample.
 
         Returns a dict of float32 CPU tensors: ``magnitude_{attention,mlp}`` ``[T, L, units]``, and when
         ``gradients``: ``gradient_*``, ``gxo_*`` and ``grad_norm_*`` (``[T, L]``); when ``ig_steps``:
-        ``ig_*``.
+        ``ig_*``.  ``step_mode``: ``cached`` (one token per pass against the KV cache), ``batched`` (all
+        steps as one batch, chunks of ``step_batch_size``; not with IG) or ``auto`` (batched on CUDA).
         """
         device = next(self.model.parameters()).device
+        if step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {STEP_MODES}, not {step_mode!r}")
+        if step_mode == "auto":
+            step_mode = "batched" if device.type == "cuda" and not ig_steps else "cached"
+        if step_mode == "batched" and ig_steps:
+            raise ValueError("integrated gradients run in step_mode='cached'")
         prompt_ids = prompt_ids.to(device)
         labels = torch.tensor(label_ids, dtype=torch.long, device=device)
         hd = self.layout.head_dim
         steps: list[dict] = []
         cache = None
+        batched = (self._batched_steps(prompt_ids, labels, gradients, step_batch_size)
+                   if step_mode == "batched" and label_ids else None)
         for t in range(len(label_ids)):
-            step_input = prompt_ids if t == 0 else labels[t - 1:t].view(1, 1)
-            target = labels[t:t + 1]
-            ig = self._ig_step(step_input, target, cache, ig_steps, ig_batch_size) if ig_steps else None
-            xs, grads, cache = self._dense_step(step_input, target, cache, with_grad=gradients)
+            ig = None
+            if batched is not None:
+                xs, grads = batched[t]
+            else:
+                step_input = prompt_ids if t == 0 else labels[t - 1:t].view(1, 1)
+                target = labels[t:t + 1]
+                ig = self._ig_step(step_input, target, cache, ig_steps, ig_batch_size) if ig_steps else None
+                xs, grads, cache = self._dense_step(step_input, target, cache, with_grad=gradients)
             row = {}
             for c in COMPONENTS:
                 per_layer = [unit_scores(c, xs[c][l][0], grads[(c, l)][0] if grads else None, hd)

@@ -120,7 +120,9 @@ class SiteHooks:
     - ``scales[comp]``: float tensor ``[B, L]`` scaling a layer's whole component (None: no scaling);
     - ``record``: keep the unmodified unit outputs at the last position in ``recorded[comp][l]``;
     - ``probe``: add a zero leaf tensor at the last position of every site, in ``probes[comp][l]``,
-      so ``torch.autograd.grad(loss, probes)`` gives dLoss/d(unit output) there.
+      so ``torch.autograd.grad(loss, probes)`` gives dLoss/d(unit output) there;
+    - ``positions``: long tensor ``[B]``: record and probe at this position of each batch element
+      instead of the last one (all generation steps of a sample teacher-forced as one batch).
     """
 
     def __init__(self, model: nn.Module, layout: ModelLayout | None = None):
@@ -129,6 +131,7 @@ class SiteHooks:
         self.scales = {ATTN: None, MLP: None}
         self.record = False
         self.probe = False
+        self.positions = None
         self.recorded = {c: [None] * self.layout.num_layers for c in COMPONENTS}
         self.probes = {c: [None] * self.layout.num_layers for c in COMPONENTS}
         self._handles = []
@@ -152,13 +155,14 @@ class SiteHooks:
         self.scales = {ATTN: None, MLP: None}
         self.record = False
         self.probe = False
+        self.positions = None
 
     @contextlib.contextmanager
-    def settings(self, masks=None, scales=None, record=False, probe=False):
+    def settings(self, masks=None, scales=None, record=False, probe=False, positions=None):
         """Apply settings for the passes inside the block, then restore the plain dense model."""
         self.masks = dict(masks or {ATTN: None, MLP: None})
         self.scales = dict(scales or {ATTN: None, MLP: None})
-        self.record, self.probe = record, probe
+        self.record, self.probe, self.positions = record, probe, positions
         try:
             yield self
         finally:
@@ -175,8 +179,12 @@ class SiteHooks:
             mask, scale = self.masks[comp], self.scales[comp]
             if not (mask is not None or scale is not None or self.record or self.probe):
                 return None
+            rows = pos = None
+            if self.positions is not None:
+                pos = self.positions.to(x.device)
+                rows = torch.arange(x.shape[0], device=x.device)
             if self.record:
-                self.recorded[comp][layer] = x[:, -1].detach()
+                self.recorded[comp][layer] = (x[:, -1] if pos is None else x[rows, pos]).detach()
             if mask is not None:
                 m = mask[:, layer].to(x.dtype)
                 if comp == ATTN:
@@ -188,8 +196,11 @@ class SiteHooks:
                 probe = torch.zeros(x.shape[0], x.shape[-1], dtype=x.dtype, device=x.device,
                                     requires_grad=True)
                 self.probes[comp][layer] = probe
-                last = x[:, -1:] + probe[:, None, :]
-                x = last if x.shape[1] == 1 else torch.cat([x[:, :-1], last], dim=1)
+                if pos is not None:
+                    x = x.index_put((rows, pos), probe, accumulate=True)   # out of place: autograd sees it
+                else:
+                    last = x[:, -1:] + probe[:, None, :]
+                    x = last if x.shape[1] == 1 else torch.cat([x[:, :-1], last], dim=1)
             return (x,) + tuple(args[1:])
 
         return hook
