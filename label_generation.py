@@ -24,6 +24,8 @@ def main(argv=None):
     content = generate_labels(paths, model_name=args.model_name, dataset=args.dataset, num_data=args.num_data,
                               device=args.device, dtype=args.dtype, seed=args.seed,
                               prompt_format=args.prompt_format)
+    if content is None:  # under torchrun, the first process writes and reports
+        return
     lengths = [len(ids) for ids in content["label_token_ids"]]
     print(f"wrote {paths.labels}: {len(lengths)} labels, {sum(lengths)} tokens "
           f"(prompt format {content['settings']['prompt_format']})")

@@ -37,6 +37,8 @@ def main(argv=None):
     run = open_run(args)
     results = run_sweep(run, names, explicit=explicit, ratios=args.ratios, mask_layers=layers,
                         variant=args.cor_gxo_variant, batch_size=args.batch_size)
+    if results is None:  # under torchrun, the first process reports
+        return
     print(f"{'metric':<10} " + " ".join(f"p={p:.1f}".rjust(13) for p in args.ratios))
     for metric, curve in results["curves"].items():
         cells = " ".join(f"{pt['activation_ratio']:.2f}/{pt['bleu']:5.1f}".rjust(13) for pt in curve["points"])

@@ -192,3 +192,20 @@ def test_offline_default_labels_one_sample(tmp_path, offline_tokenizer):
     assert (s["model"], s["dataset"], s["num_data"], s["prompt_format"]) == \
         ("smollm2-135m-instruct", "truthfulqa-offline", 1, "chat")
     assert not any(p.name.endswith(".parts") for p in result.iterdir())
+
+
+def test_step_batched_attribution_writes_the_same_scores(pipeline, tmp_path):
+    """--step_mode batched (the GPU path, forced here on the CPU) writes the same files as cached."""
+    import shutil
+    copy = tmp_path / "result"
+    shutil.copytree(pipeline.result, copy)
+    run_script("attribution_attention.py", "--metric", "gradient", "gxo", "--step_mode", "batched",
+               "--batch_size", 3, "--result_dir", copy, "--device", "cpu")
+    for kind in ("gradient", "gxo", "grad_norm"):
+        for comp in ("attention", "mlp"):
+            a = torch.load(pipeline.result / "ig" / f"{kind}_{comp}_list.pt")
+            b = torch.load(copy / "ig" / f"{kind}_{comp}_list.pt")
+            assert len(a) == len(b) == 2
+            for x, y in zip(a, b):
+                # the suite's tolerance: 1e-4 relative to the largest score (as in test_attribution.py)
+                torch.testing.assert_close(y, x, rtol=0, atol=1e-4 * x.abs().max().item())

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import shard_device
 from .errors import PipelineError
 from .models import load_model_and_tokenizer, resolve_device, resolve_dtype
 from .paths import ResultPaths, default_result_dir
@@ -77,7 +78,7 @@ def open_run(args) -> Run:
                             f"label_generation.py --num_data {num_data}")
     settings = labels.settings
     seed_everything(settings["seed"])
-    model, tokenizer = load_model_and_tokenizer(settings["model"], resolve_device(args.device),
+    model, tokenizer = load_model_and_tokenizer(settings["model"], shard_device(resolve_device(args.device)),
                                                 resolve_dtype(settings["dtype"]))
     return Run(paths=paths, labels=labels, model=model, tokenizer=tokenizer, layout=locate_units(model),
                num_data=num_data)

@@ -6,12 +6,13 @@ import json
 import torch
 from tqdm.auto import tqdm
 
-from .attribution import Attributor
+from .attribution import STEP_MODES, Attributor
 from .cli import common_parser, open_run, seed_everything
 from .data import load_samples
 from .errors import PipelineError
 from .generation import dense_label
-from .io import SampleCheckpoint, write_json
+from .distributed import current_shard, map_samples, open_checkpoint, shard_device
+from .io import write_json
 from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
 from .paths import ResultPaths
 from .prompts import prompt_ids, resolve_prompt_format
@@ -29,25 +30,28 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
     """Dense greedy labels (METHOD §2) -> ``labels.json``; returns its content."""
     samples = load_samples(dataset, num_data)  # fails fast on a bad dataset, before loading a model
     seed_everything(seed)
-    model, tokenizer = load_model_and_tokenizer(model_name, resolve_device(device), resolve_dtype(dtype))
+    model, tokenizer = load_model_and_tokenizer(model_name, shard_device(resolve_device(device)),
+                                                resolve_dtype(dtype))
     fmt = resolve_prompt_format(prompt_format, tokenizer)
     eos = eos_token_ids(model, tokenizer)
     settings = {"model": model_name, "dataset": dataset, "num_data": len(samples), "prompt_format": fmt,
                 "dtype": str(resolve_dtype(dtype)).replace("torch.", ""), "seed": seed,
                 "max_new_tokens": "token length of each sample's reference answer", "eos_token_ids": eos}
-    ckpt = SampleCheckpoint(paths.labels, json.dumps(settings, sort_keys=True))
-    rows = []
-    for i, sample in enumerate(tqdm(samples, desc="labels", unit="sample")):
-        if ckpt.done(i):
-            rows.append(ckpt.load(i))
-            continue
+    ckpt = open_checkpoint(paths.labels, json.dumps(settings, sort_keys=True))
+    bar = tqdm(total=len(samples), desc="labels", unit="sample", disable=not current_shard().is_main)
+
+    def label_one(i):
+        sample = samples[i]
         ids = prompt_ids(tokenizer, sample.question, fmt)
         budget = len(tokenizer(sample.reference, add_special_tokens=False)["input_ids"])
         label = dense_label(model, ids, budget, eos, tokenizer.pad_token_id)
-        row = {"prompt": ids[0].tolist(), "label": label,
-               "text": tokenizer.decode(label, skip_special_tokens=True)}
-        ckpt.save(i, row)
-        rows.append(row)
+        bar.update(1)
+        return {"prompt": ids[0].tolist(), "label": label, "text": tokenizer.decode(label, skip_special_tokens=True)}
+
+    with bar:
+        rows = map_samples(ckpt, len(samples), label_one, skipped=lambda i: bar.update(1))
+    if rows is None:  # another process writes the file
+        return None
     label_ids = [r["label"] for r in rows]
     content = {"labels": [r["text"] for r in rows], "label_token_ids": label_ids,
                "prompt_token_ids": [r["prompt"] for r in rows], "sample_ids": [s.id for s in samples],
@@ -59,14 +63,20 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
 
 
 def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: int = 0, ig_batch_size: int = 64,
-                   producer: str) -> None:
+                   producer: str, step_mode: str = "auto") -> None:
     """Score ``run.num_data`` samples and write one file per (kind, component).
 
     ``kinds`` is a subset of magnitude, gradient, gxo, ig; gradient/gxo also write the per-layer
-    gradient norms (cor_gxo needs them)."""
+    gradient norms (cor_gxo needs them).  ``step_mode`` (auto, cached, batched) picks how the steps of a
+    sample run (utils/attribution.py); IG always runs cached, and ``ig_batch_size`` also bounds the steps
+    of one batched pass."""
     gradients = bool({"gradient", "gxo"} & set(kinds))
     if "ig" in kinds and ig_steps < 1:
         raise PipelineError(f"--n_steps must be at least 1 (got {ig_steps})")
+    if step_mode not in STEP_MODES:
+        raise PipelineError(f"unknown --step_mode {step_mode!r}; choose {', '.join(STEP_MODES)}")
+    if step_mode == "batched" and "ig" in kinds:
+        raise PipelineError("--step_mode batched does not run integrated gradients; use auto or cached for ig")
     if ig_batch_size < 1:
         raise PipelineError(f"--batch_size must be at least 1 (got {ig_batch_size})")
     out_kinds = list(kinds) + (["grad_norm"] if gradients else [])
@@ -75,10 +85,12 @@ def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: in
     key = json.dumps({"run_id": labels.run_id, "kinds": sorted(wanted), "n_steps": ig_steps,
                       "num_data": run.num_data})
     first = run.paths.score(out_kinds[0], components[0])
-    ckpt = SampleCheckpoint(first.with_name(f".{'-'.join(sorted(kinds))}_{'-'.join(components)}"), key)
+    ckpt = open_checkpoint(first.with_name(f".{'-'.join(sorted(kinds))}_{'-'.join(components)}"), key)
     with Attributor(run.model) as attributor:
         results = _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps if "ig" in kinds else 0,
-                                 ig_batch_size, desc=f"{'+'.join(kinds)} scores")
+                                 ig_batch_size, step_mode, desc=f"{'+'.join(kinds)} scores")
+    if results is None:  # another process writes the files
+        return
     meta = {"run_id": labels.run_id, "settings": labels.settings, "num_samples": run.num_data,
             "n_steps": ig_steps if "ig" in kinds else None, "producer": producer,
             "layers": run.layout.num_layers, "heads": run.layout.num_heads,
@@ -89,26 +101,23 @@ def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: in
     ckpt.finish()
 
 
-def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, ig_batch_size, desc) -> list[dict]:
+def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, ig_batch_size, step_mode,
+                   desc) -> list[dict]:
     """Score every sample not yet in ``ckpt`` (progress in tokens), saving each as it finishes."""
     labels = run.labels
     device = next(run.model.parameters()).device
     total_tokens = sum(len(labels.label_ids[i]) for i in range(run.num_data))
-    results = []
-    with tqdm(total=total_tokens, desc=desc, unit="tok") as bar:
-        for i in range(run.num_data):
+    with tqdm(total=total_tokens, desc=desc, unit="tok", disable=not current_shard().is_main) as bar:
+        def score_one(i):
             bar.set_postfix(sample=f"{i + 1}/{run.num_data}")
-            if ckpt.done(i):
-                results.append(ckpt.load(i))
-                bar.update(len(labels.label_ids[i]))
-                continue
             prompt = torch.tensor([labels.prompt_ids[i]], device=device)
             scores = attributor.score_sample(prompt, labels.label_ids[i], gradients=gradients,
-                                             ig_steps=ig_steps, ig_batch_size=ig_batch_size, on_step=lambda: bar.update(1))
-            row = {name: scores[name] for name in wanted}
-            ckpt.save(i, row)
-            results.append(row)
-    return results
+                                             ig_steps=ig_steps, ig_batch_size=ig_batch_size,
+                                             step_mode=step_mode, step_batch_size=ig_batch_size,
+                                             on_step=lambda: bar.update(1))
+            return {name: scores[name] for name in wanted}
+
+        return map_samples(ckpt, run.num_data, score_one, skipped=lambda i: bar.update(len(labels.label_ids[i])))
 
 
 def magnitude_step(comp: str, script: str, description: str, defaults: dict, argv=None) -> None:
@@ -116,4 +125,5 @@ def magnitude_step(comp: str, script: str, description: str, defaults: dict, arg
     args = common_parser(description, defaults).parse_args(argv)
     run = open_run(args)
     compute_scores(run, ["magnitude"], components=(comp,), producer=script)
-    print(f"wrote {run.paths.magnitude(comp)}")
+    if current_shard().is_main:
+        print(f"wrote {run.paths.magnitude(comp)}")

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from .errors import PipelineError
 from .generation import masked_generate
-from .io import SampleCheckpoint, write_json, write_text
+from .distributed import current_shard, map_samples, open_checkpoint
+from .io import write_json, write_text
 from .masks import (METRIC_NAMES, apply_layer_selection, files_needed, keep_masks, kept_weight, layer_selection,
                     ranking, unit_weights)
 from .metrics import bleu, token_agreement
@@ -92,39 +93,43 @@ def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_laye
     hooks = SiteHooks(run.model, layout)
     key = json.dumps({"run_id": labels.run_id, "metrics": metrics, "counts": counts, "ratios": list(ratios),
                       "mask_layers": mask_layers, "variant": variant})
-    ckpt = SampleCheckpoint(run.paths.res / ".sweep", key)
+    ckpt = open_checkpoint(run.paths.res / ".sweep", key)
     R = len(ratios)
-    rows = []
+
+    def sweep_one(i):
+        active = [m for m in metrics if i < counts[m]]
+        label = labels.label_ids[i]
+        sample_rows = []
+        if active and label:
+            masks = [sample_keep_masks(scores[m], m, i, ratios, selected, layout.head_dim, variant)
+                     for m in active]
+            keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [M*R, T, L, U]
+            kept, total = kept_weight(keep, weights)
+            prompt = torch.tensor([labels.prompt_ids[i]])
+            step = batch_size if batch_size > 0 else keep[ATTN].shape[0]
+            outputs = []
+            for s in range(0, keep[ATTN].shape[0], step):
+                part = {c: keep[c][s:s + step] for c in COMPONENTS}
+                outputs.extend(masked_generate(run.model, hooks, prompt, part, eos, len(label)))
+            for b, ids in enumerate(outputs):
+                text = tok.decode(ids, skip_special_tokens=True)
+                sample_rows.append({"sample": i, "metric": active[b // R], "ratio": float(ratios[b % R]),
+                                    "bleu": bleu(text, labels.texts[i]),
+                                    "token_agreement": token_agreement(ids, label),
+                                    "kept_weight": float(kept[b]), "total_weight": float(total[b]),
+                                    "output": text})
+        bar.update(1)
+        return sample_rows
+
+    bar = tqdm(total=run.num_data, desc="sweep", unit="sample", disable=not current_shard().is_main)
     try:
-        for i in tqdm(range(run.num_data), desc="sweep", unit="sample"):
-            if ckpt.done(i):
-                rows.extend(ckpt.load(i))
-                continue
-            active = [m for m in metrics if i < counts[m]]
-            label = labels.label_ids[i]
-            sample_rows = []
-            if active and label:
-                masks = [sample_keep_masks(scores[m], m, i, ratios, selected, layout.head_dim, variant)
-                         for m in active]
-                keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [M*R, T, L, U]
-                kept, total = kept_weight(keep, weights)
-                prompt = torch.tensor([labels.prompt_ids[i]])
-                step = batch_size if batch_size > 0 else keep[ATTN].shape[0]
-                outputs = []
-                for s in range(0, keep[ATTN].shape[0], step):
-                    part = {c: keep[c][s:s + step] for c in COMPONENTS}
-                    outputs.extend(masked_generate(run.model, hooks, prompt, part, eos, len(label)))
-                for b, ids in enumerate(outputs):
-                    text = tok.decode(ids, skip_special_tokens=True)
-                    sample_rows.append({"sample": i, "metric": active[b // R], "ratio": float(ratios[b % R]),
-                                        "bleu": bleu(text, labels.texts[i]),
-                                        "token_agreement": token_agreement(ids, label),
-                                        "kept_weight": float(kept[b]), "total_weight": float(total[b]),
-                                        "output": text})
-            ckpt.save(i, sample_rows)
-            rows.extend(sample_rows)
+        with bar:
+            per_sample = map_samples(ckpt, run.num_data, sweep_one, skipped=lambda i: bar.update(1))
     finally:
         hooks.remove()
+    if per_sample is None:  # another process writes the results
+        return None
+    rows = [row for sample_rows in per_sample for row in sample_rows]
     results = aggregate(rows, metrics, ratios, counts)
     results["settings"] = {"labels_run_id": labels.run_id, "labels_settings": labels.settings,
                            "num_data": run.num_data, "ratios": list(ratios),
