@@ -20,6 +20,7 @@ MODEL_NAME = "microsoft/phi-2"
 DATASET = "truthfulqa"
 NUM_DATA = 100
 N_STEPS = 20
+BATCH_SIZE = 64        # IG elements (or batched steps) per forward/backward; raise it on a large GPU
 IG_NUM_DATA = None     # None: IG on every sample; fewer keeps IG affordable on a CPU
 DTYPE = "float32"
 DEVICE = "auto"
@@ -37,6 +38,7 @@ def parse(argv=None):
     p.add_argument("--num_data", type=int, default=NUM_DATA)
     p.add_argument("--ig_num_data", type=int, default=IG_NUM_DATA)
     p.add_argument("--n_steps", type=int, default=N_STEPS)
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="attribution_attention.py --batch_size")
     p.add_argument("--skip_ig", action="store_true", help="leave IG out")
     p.add_argument("--dtype", default=DTYPE)
     p.add_argument("--device", default=DEVICE)
@@ -61,12 +63,14 @@ def main(argv=None):
                                                    "--dtype", args.dtype]),
         ("head magnitudes", Mag_attention.main, where),
         ("neuron magnitudes", Mag_mlp.main, where),
-        ("gradient + gxo", attribution_attention.main, where + ["--metric", "gradient", "gxo"]),
+        ("gradient + gxo", attribution_attention.main, where + ["--metric", "gradient", "gxo",
+                                                                "--batch_size", str(args.batch_size)]),
     ]
     if not args.skip_ig:
         ig_where = where + (["--num_data", str(args.ig_num_data)] if args.ig_num_data else [])
         steps.append(("integrated gradients", attribution_attention.main,
-                      ig_where + ["--metric", "ig", "--n_steps", str(args.n_steps)]))
+                      ig_where + ["--metric", "ig", "--n_steps", str(args.n_steps),
+                                  "--batch_size", str(args.batch_size)]))
     steps.append(("sweep + figure", sweep_main.main, where + ["--metric_name", "all"]))
     start = time.time()
     for i, (name, fn, step_argv) in enumerate(steps, 1):
