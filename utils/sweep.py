@@ -67,11 +67,14 @@ def metric_sample_count(per_metric: dict) -> int:
     return min(len(lst) for comp in per_metric.values() for lst in comp.values())
 
 
-def sample_keep_masks(per_metric: dict, metric: str, i: int, ratios, selected, head_dim, variant) -> dict:
-    """Bool keep-masks ``{comp: [R, T, L, units]}`` of one metric for sample ``i``."""
+def sample_keep_masks(per_metric: dict, metric: str, i: int, ratios, selected, head_dim, variant,
+                      device=None) -> dict:
+    """Bool keep-masks ``{comp: [R, T, L, units]}`` of one metric for sample ``i``, built on ``device``
+    (the model's: sorting every step's and layer's scores is real work, and torchrun gives each CPU
+    process one thread)."""
     out = {}
     for comp in COMPONENTS:
-        s = {kind: lst[i] for kind, lst in per_metric[comp].items()}
+        s = {kind: lst[i].to(device) for kind, lst in per_metric[comp].items()}
         rank = ranking(metric, comp, s, head_dim, variant)
         out[comp] = apply_layer_selection(keep_masks(rank, ratios), selected)
     return out
@@ -95,13 +98,14 @@ def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_laye
                       "mask_layers": mask_layers, "variant": variant})
     ckpt = open_checkpoint(run.paths.res / ".sweep", key)
     R = len(ratios)
+    device = next(run.model.parameters()).device
 
     def sweep_one(i):
         active = [m for m in metrics if i < counts[m]]
         label = labels.label_ids[i]
         sample_rows = []
         if active and label:
-            masks = [sample_keep_masks(scores[m], m, i, ratios, selected, layout.head_dim, variant)
+            masks = [sample_keep_masks(scores[m], m, i, ratios, selected, layout.head_dim, variant, device)
                      for m in active]
             keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [M*R, T, L, U]
             kept, total = kept_weight(keep, weights)
