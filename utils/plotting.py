@@ -29,6 +29,8 @@ def plot_tradeoff(results: dict, stem: Path) -> None:
                 label=label, linewidth=1.5, markersize=4)
     settings = results.get("settings", {})
     model = settings.get("labels_settings", {}).get("model", "")
+    if "/" in model and Path(model).exists():  # a local path: its name says enough
+        model = Path(model).name
     ax.set_xlabel("activation ratio (share of head + neuron parameters kept)")
     ax.set_ylabel("BLEU against the dense output")
     title = f"{model}, {settings.get('num_data', '?')} samples" if same_n else model
