@@ -179,12 +179,11 @@ class SiteHooks:
             mask, scale = self.masks[comp], self.scales[comp]
             if not (mask is not None or scale is not None or self.record or self.probe):
                 return None
-            rows = pos = None
-            if self.positions is not None:
-                pos = self.positions.to(x.device)
-                rows = torch.arange(x.shape[0], device=x.device)
+            rows = torch.arange(x.shape[0], device=x.device)
+            pos = (self.positions.to(x.device) if self.positions is not None
+                   else torch.full_like(rows, x.shape[1] - 1))        # default: the last position
             if self.record:
-                self.recorded[comp][layer] = (x[:, -1] if pos is None else x[rows, pos]).detach()
+                self.recorded[comp][layer] = x[rows, pos].detach()
             if mask is not None:
                 m = mask[:, layer].to(x.dtype)
                 if comp == ATTN:
@@ -196,11 +195,7 @@ class SiteHooks:
                 probe = torch.zeros(x.shape[0], x.shape[-1], dtype=x.dtype, device=x.device,
                                     requires_grad=True)
                 self.probes[comp][layer] = probe
-                if pos is not None:
-                    x = x.index_put((rows, pos), probe, accumulate=True)   # out of place: autograd sees it
-                else:
-                    last = x[:, -1:] + probe[:, None, :]
-                    x = last if x.shape[1] == 1 else torch.cat([x[:, :-1], last], dim=1)
+                x = x.index_put((rows, pos), probe, accumulate=True)   # out of place: autograd sees it
             return (x,) + tuple(args[1:])
 
         return hook
