@@ -3,8 +3,9 @@
 cor_gxo needs, whenever gradient or gxo is computed).
 
 gradient and gxo for all layers come from one forward and one backward per token (ask for both at once:
---metric gradient gxo).  ig runs every (layer, component, alpha-step) of a token as one batch, split into
-chunks of --batch_size."""
+--metric gradient gxo).  ig runs every (layer, component, alpha-step) of a token as one staggered batch
+(an element joins at its own layer), split so that no pass computes more than --batch_size token
+positions."""
 from utils.cli import common_parser, open_run
 from utils.distributed import current_shard
 from utils.errors import PipelineError, cli_entry
@@ -13,7 +14,7 @@ from utils.steps import compute_scores
 
 METRICS = ["gradient", "gxo"]   # any of gradient, gxo, ig
 N_STEPS = 20                    # integrated-gradients steps (alpha_k = k / n)
-BATCH_SIZE = 64                 # IG elements (or batched steps) per forward/backward: lower it if memory runs out
+BATCH_SIZE = 2048               # token positions per forward/backward (IG, batched steps): lower it if memory runs out
 STEP_MODE = "auto"              # cached: one token per pass (CPU); batched: all steps of a sample at once (GPU)
 DATASET = "truthfulqa"
 RESULT_DIR = None
@@ -28,7 +29,7 @@ def main(argv=None):
     parser.add_argument("--metric", nargs="+", default=METRICS, help="gradient, gxo and/or ig")
     parser.add_argument("--n_steps", type=int, default=N_STEPS, help="IG steps")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE,
-                        help="IG elements (or steps, with --step_mode batched) per pass")
+                        help="token positions one forward/backward computes (IG elements or batched steps are packed up to it)")
     parser.add_argument("--step_mode", default=STEP_MODE, choices=STEP_MODES,
                         help="auto: batched for gradient/gxo on CUDA, cached otherwise")
     args = parser.parse_args(argv)

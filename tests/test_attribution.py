@@ -50,6 +50,39 @@ def test_batched_ig_matches_naive_ig_loop(arch_model, chunk):
         assert_close(fast[f"ig_{comp}"], slow[f"ig_{comp}"], f"ig_{comp} (chunk {chunk})")
 
 
+def test_batched_ig_matches_naive_ig_loop_on_gpt2():
+    """The staggered batch hooks the decoder blocks generically: GPT-2's blocks take other arguments."""
+    from conftest import tiny_gpt2
+    model = tiny_gpt2()
+    prompt, label = random_sample(29, prompt_len=4, label_len=3)
+    fast = Attributor(model).score_sample(prompt, label, ig_steps=2, ig_batch_size=9)
+    slow = reference_scores(model, prompt, label, ig_steps=2, gradients=False)
+    for comp in ("attention", "mlp"):
+        assert_close(fast[f"ig_{comp}"], slow[f"ig_{comp}"], f"gpt2 ig_{comp}")
+
+
+def test_ig_rows_join_at_their_own_layer(arch_model):
+    """Each IG element runs only from its own layer up: layer l sees the dense row plus the elements of
+    layers <= l (2 components x n steps per layer), so the batch grows with depth."""
+    _, model = arch_model
+    prompt, label = random_sample(4, prompt_len=3, label_len=2)
+    seen = []
+    att = Attributor(model)
+    handles = [block.register_forward_hook(lambda m, a, out: seen.append((out[0] if isinstance(out, tuple)
+                                                                           else out).shape[0]))
+               for block in att.layout.decoder_layers]
+    try:
+        att.score_sample(prompt, label, ig_steps=3, ig_batch_size=10_000)
+    finally:
+        for h in handles:
+            h.remove()
+    L, n = 3, 3
+    staggered = [1 + 2 * n * (l + 1) for l in range(L)]
+    dense = [1] * L
+    # per step: the IG pass (one chunk holds all elements), then the dense pass
+    assert seen == (staggered + dense) * len(label)
+
+
 def test_ig_with_one_step_equals_gxo(arch_model):
     _, model = arch_model
     prompt, label = random_sample(5)

@@ -9,16 +9,23 @@ dLoss/d(unit output) in a single ``torch.autograd.grad`` call.
 Integrated gradients scale one component of one layer by alpha_k = k/n at every position the step
 computes.  Each (component, layer, k) is one element of a batch that shares the step's dense KV cache;
 batch elements are independent, so one backward of the summed loss gives every element its own
-gradient.  ``ig_batch_size`` bounds how many elements run at once (memory).
+gradient.  Below its own layer an element is the dense model, so the batch is *staggered*: row 0 runs
+the dense model from the embeddings up, and an element's row joins at the input of its layer as a copy
+of row 0 (detached: its gradient is only needed from its site upward).  Layer l thus runs
+1 + (elements of layers <= l) rows, about half the arithmetic of running every element through every
+layer, and each backward stops at its element's layer.  ``ig_batch_size`` bounds the token positions a
+pass computes (memory): the prompt step fits ``ig_batch_size // prompt length`` elements in a pass.
 
 ``step_mode="batched"`` computes gradient, GxO and magnitudes of all steps of a sample as one batch
 instead (no integrated gradients): element t is the whole teacher-forced sequence prompt + label[:T-1]
-with its probe and loss at position P-1+t.  Causal attention makes the positions after P-1+t irrelevant
-to that loss, so this equals the per-step computation; it does T times the arithmetic in a few large
-passes, which a GPU runs far faster than T small ones (a CPU does not: ``auto`` picks it on CUDA only).
+with its probe and loss at position P-1+t (``step_batch_size // (P+T-1)`` elements per pass).
+Causal attention makes the positions after P-1+t irrelevant to that loss, so this equals the per-step
+computation; it does T times the arithmetic in a few large passes, which a GPU runs far faster than T
+small ones (a CPU does not: ``auto`` picks it on CUDA only).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -86,12 +93,12 @@ class Attributor:
         self.close()
 
     # -- one forward pass -------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, cache):
-        kwargs = forward_kwargs(self._cache_name, input_ids, cache)
+    def _forward(self, input_ids: torch.Tensor, cache, use_cache: bool = True):
+        kwargs = forward_kwargs(self._cache_name, input_ids, cache, use_cache=use_cache)
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
-        return out.logits[:, -1].float(), output_cache(out)
+        return out.logits[:, -1].float(), (output_cache(out) if use_cache else None)
 
     def _dense_step(self, input_ids, target, cache, with_grad: bool):
         """The dense pass of one step: records x (and g when ``with_grad``); returns the new cache."""
@@ -107,28 +114,56 @@ class Attributor:
         detach_cache_(cache)
         return xs, grads, cache
 
+    @contextlib.contextmanager
+    def _staggered_rows(self, rows: list[int]):
+        """While active, decoder layer l runs ``rows[l]`` batch rows: the rows it lacks join as copies of
+        row 0 (the dense row), detached, so nothing flows back below the layer where a row joined."""
+        def grow(layer: int):
+            def hook(module, args, kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                missing = rows[layer] - h.shape[0]
+                if missing <= 0:
+                    return None
+                h = torch.cat([h, h[:1].detach().expand(missing, *h.shape[1:])])
+                if args:
+                    return (h,) + tuple(args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": h}
+            return hook
+
+        handles = [block.register_forward_pre_hook(grow(l), with_kwargs=True)
+                   for l, block in enumerate(self.layout.decoder_layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _ig_step(self, input_ids, target, cache, n_steps: int, batch_size: int) -> dict:
         """Mean over alpha_k of the gradient at every site, each site scaled alone: ``{(comp, l): [W]}``."""
         L = self.layout.num_layers
-        elements = [(c, l, k) for c in COMPONENTS for l in range(L) for k in range(1, n_steps + 1)]
+        device = input_ids.device
+        # ordered by layer, so each chunk's rows join the staggered batch in order
+        elements = [(c, l, k) for l in range(L) for c in COMPONENTS for k in range(1, n_steps + 1)]
+        per_pass = max(1, batch_size // input_ids.shape[1])
         sums = {}
-        for start in range(0, len(elements), batch_size):
-            chunk = elements[start:start + batch_size]
+        for start in range(0, len(elements), per_pass):
+            chunk = elements[start:start + per_pass]
             B = len(chunk)
-            device = input_ids.device
-            scales = {c: torch.ones(B, L, device=device) for c in COMPONENTS}
+            layer_of = torch.tensor([l for _, l, _ in chunk])
+            rows = [1 + int((layer_of <= l).sum()) for l in range(L)]      # row 0: the dense row
+            scales = {c: torch.ones(B + 1, L, device=device) for c in COMPONENTS}
             for b, (c, l, k) in enumerate(chunk):
-                scales[c][b, l] = k / n_steps
-            batch_cache = repeated_cache(cache, B) if cache is not None else None
-            with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True):
-                logits, _ = self._forward(input_ids.expand(B, -1), batch_cache)
+                scales[c][b + 1, l] = k / n_steps
+            batch_cache = repeated_cache(cache, rows) if cache is not None else None
+            with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True), self._staggered_rows(rows):
+                logits, _ = self._forward(input_ids, batch_cache, use_cache=cache is not None)
                 # elements are independent, so the summed loss gives each its own gradient
-                loss = F.cross_entropy(logits, target.expand(B), reduction="sum")
+                loss = F.cross_entropy(logits[1:], target.expand(B), reduction="sum")
                 sites = sorted({(c, l) for c, l, _ in chunk})
                 grads = torch.autograd.grad(loss, [self.hooks.probes[c][l] for c, l in sites])
             by_site = dict(zip(sites, grads))
             for b, (c, l, _) in enumerate(chunk):
-                g = by_site[(c, l)][b].float()
+                g = by_site[(c, l)][b + 1].float()
                 sums[(c, l)] = sums[(c, l)] + g if (c, l) in sums else g
             del batch_cache
         return {key: value / n_steps for key, value in sums.items()}
@@ -140,8 +175,9 @@ class Attributor:
         P, T = prompt_ids.shape[1], labels.shape[0]
         seq = torch.cat([prompt_ids[0], labels[:-1]])[None]          # [1, P+T-1]
         out = []
-        for start in range(0, T, batch_size):
-            steps = torch.arange(start, min(start + batch_size, T), device=seq.device)
+        per_pass = max(1, batch_size // seq.shape[1])
+        for start in range(0, T, per_pass):
+            steps = torch.arange(start, min(start + per_pass, T), device=seq.device)
             B = steps.shape[0]
             positions = P - 1 + steps
             with torch.set_grad_enabled(with_grad), \
@@ -165,14 +201,15 @@ class Attributor:
 
     # -- one sample -------------------------------------------------------------------------------
     def score_sample(self, prompt_ids: torch.Tensor, label_ids: list[int], *, gradients: bool = True,
-                     ig_steps: int = 0, ig_batch_size: int = 64, on_step=None, step_mode: str = "cached",
-                     step_batch_size: int = 64) -> dict:
+                     ig_steps: int = 0, ig_batch_size: int = 2048, on_step=None, step_mode: str = "cached",
+                     step_batch_size: int = 2048) -> dict:
         """Scores for every step of one sample.
 
         Returns a dict of float32 CPU tensors: ``magnitude_{attention,mlp}`` ``[T, L, units]``, and when
         ``gradients``: ``gradient_*``, ``gxo_*`` and ``grad_norm_*`` (``[T, L]``); when ``ig_steps``:
         ``ig_*``.  ``step_mode``: ``cached`` (one token per pass against the KV cache), ``batched`` (all
-        steps as one batch, chunks of ``step_batch_size``; not with IG) or ``auto`` (batched on CUDA).
+        steps as one batch; not with IG) or ``auto`` (batched on CUDA).  ``ig_batch_size`` and
+        ``step_batch_size`` bound the token positions one forward/backward pass computes (memory).
         """
         device = next(self.model.parameters()).device
         if step_mode not in STEP_MODES:

@@ -49,18 +49,27 @@ def detach_cache_(cache) -> None:
     map_cache_(cache, lambda t: t.detach())
 
 
-def repeated_cache(cache, batch: int):
-    """A new cache holding ``batch`` copies of a batch-1 cache (the original is left as it is)."""
+def repeated_cache(cache, batch):
+    """A new cache holding ``batch`` copies of a batch-1 cache (the original is left as it is).
+
+    ``batch`` may also be a list with one count per layer (IG's staggered batch grows with depth)."""
     new = cache.__class__.__new__(cache.__class__)
     new.__dict__.update(cache.__dict__)
+
+    def repeat(t: torch.Tensor, layer: int) -> torch.Tensor:
+        count = batch[layer] if isinstance(batch, (list, tuple)) else batch
+        return t.detach().repeat_interleave(count, dim=0)
+
     layers = getattr(cache, "layers", None)
     if layers is not None:
         new.layers = []
-        for layer in layers:
+        for i, layer in enumerate(layers):
             copy = layer.__class__.__new__(layer.__class__)
             copy.__dict__.update(layer.__dict__)
+            if getattr(layer, "keys", None) is not None and torch.is_tensor(layer.keys):
+                copy.keys, copy.values = repeat(layer.keys, i), repeat(layer.values, i)
             new.layers.append(copy)
     else:
-        new.key_cache, new.value_cache = list(cache.key_cache), list(cache.value_cache)
-    map_cache_(new, lambda t: t.detach().repeat_interleave(batch, dim=0))
+        new.key_cache = [repeat(k, i) for i, k in enumerate(cache.key_cache)]
+        new.value_cache = [repeat(v, i) for i, v in enumerate(cache.value_cache)]
     return new

@@ -61,6 +61,7 @@ class ModelLayout:
     hidden: int
     num_kv_heads: int
     gated_mlp: bool
+    decoder_layers: nn.ModuleList | None = None   # the blocks themselves (IG lets batch rows join at one)
 
     @property
     def num_layers(self) -> int:
@@ -110,14 +111,15 @@ def locate_units(model: nn.Module) -> ModelLayout:
     return ModelLayout(attn_out=attn_out, mlp_down=mlp_down, num_heads=n_heads, head_dim=head_dim,
                        intermediate=_in_features(mlp_down[0]), hidden=hidden,
                        num_kv_heads=_config_get(config, "num_key_value_heads", default=n_heads),
-                       gated_mlp=gated)
+                       gated_mlp=gated, decoder_layers=layers)
 
 
 class SiteHooks:
     """Forward pre-hooks on every unit site.  Set the attributes below before a forward pass:
 
     - ``masks[comp]``: float tensor ``[B, L, units]`` multiplying each unit (None: no masking);
-    - ``scales[comp]``: float tensor ``[B, L]`` scaling a layer's whole component (None: no scaling);
+    - ``scales[comp]``: float tensor ``[B, L]`` scaling a layer's whole component (None: no scaling); a
+      layer that sees fewer rows (IG's staggered batch) uses the first ones;
     - ``record``: keep the unmodified unit outputs at the last position in ``recorded[comp][l]``;
     - ``probe``: add a zero leaf tensor at the last position of every site, in ``probes[comp][l]``,
       so ``torch.autograd.grad(loss, probes)`` gives dLoss/d(unit output) there;
@@ -190,7 +192,7 @@ class SiteHooks:
                     m = m.repeat_interleave(layout.head_dim, dim=-1)
                 x = x * m[:, None, :]
             if scale is not None:
-                x = x * scale[:, layer].to(x.dtype)[:, None, None]
+                x = x * scale[:x.shape[0], layer].to(x.dtype)[:, None, None]
             if self.probe:
                 probe = torch.zeros(x.shape[0], x.shape[-1], dtype=x.dtype, device=x.device,
                                     requires_grad=True)

@@ -62,14 +62,14 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
     return content
 
 
-def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: int = 0, ig_batch_size: int = 64,
+def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: int = 0, ig_batch_size: int = 2048,
                    producer: str, step_mode: str = "auto") -> None:
     """Score ``run.num_data`` samples and write one file per (kind, component).
 
     ``kinds`` is a subset of magnitude, gradient, gxo, ig; gradient/gxo also write the per-layer
     gradient norms (cor_gxo needs them).  ``step_mode`` (auto, cached, batched) picks how the steps of a
-    sample run (utils/attribution.py); IG always runs cached, and ``ig_batch_size`` also bounds the steps
-    of one batched pass."""
+    sample run (utils/attribution.py); IG always runs cached.  ``ig_batch_size`` bounds the token positions of
+    one forward/backward pass, for IG and for batched steps."""
     gradients = bool({"gradient", "gxo"} & set(kinds))
     if "ig" in kinds and ig_steps < 1:
         raise PipelineError(f"--n_steps must be at least 1 (got {ig_steps})")
