@@ -14,7 +14,9 @@ import label_generation
 import Mag_attention
 import Mag_mlp
 import main as sweep_main
+from utils.distributed import current_shard
 from utils.models import OFFLINE_MODEL
+from utils.prompts import PROMPT_FORMATS
 
 MODEL_NAME = "microsoft/phi-2"
 DATASET = "truthfulqa"
@@ -23,6 +25,7 @@ N_STEPS = 20
 BATCH_SIZE = 2048      # token positions per forward/backward (IG, batched steps); lower it if memory runs out
 IG_NUM_DATA = None     # None: IG on every sample; fewer keeps IG affordable on a CPU
 DTYPE = "float32"
+PROMPT_FORMAT = "auto"  # auto: the chat template if the tokenizer has one, else "Instruct: ...\nOutput:" (phi)
 DEVICE = "auto"
 RESULT_DIR = None
 # --offline: the laptop-CPU quick start (IG, the costly metric, on the first 3 samples with 4 steps)
@@ -41,6 +44,7 @@ def parse(argv=None):
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="attribution_attention.py --batch_size")
     p.add_argument("--skip_ig", action="store_true", help="leave IG out")
     p.add_argument("--dtype", default=DTYPE)
+    p.add_argument("--prompt_format", default=PROMPT_FORMAT, choices=PROMPT_FORMATS)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--result_dir", default=RESULT_DIR)
     args = p.parse_args(argv)
@@ -60,7 +64,7 @@ def main(argv=None):
     steps = [
         ("folders", folder_creation.main, where),
         ("labels", label_generation.main, where + ["--model_name", args.model_name, "--num_data", str(args.num_data),
-                                                   "--dtype", args.dtype]),
+                                                   "--dtype", args.dtype, "--prompt_format", args.prompt_format]),
         ("head magnitudes", Mag_attention.main, where),
         ("neuron magnitudes", Mag_mlp.main, where),
         ("gradient + gxo", attribution_attention.main, where + ["--metric", "gradient", "gxo",
@@ -72,11 +76,14 @@ def main(argv=None):
                       ig_where + ["--metric", "ig", "--n_steps", str(args.n_steps),
                                   "--batch_size", str(args.batch_size)]))
     steps.append(("sweep + figure", sweep_main.main, where + ["--metric_name", "all"]))
-    start = time.time()
+    say = print if current_shard().is_main else (lambda *a, **k: None)   # torchrun: the first process reports
+    start, took = time.time(), {}
     for i, (name, fn, step_argv) in enumerate(steps, 1):
-        print(f"\n[{i}/{len(steps)}] {name}  ({time.time() - start:.0f}s so far)", flush=True)
+        say(f"\n[{i}/{len(steps)}] {name}  ({time.time() - start:.0f}s so far)", flush=True)
+        began = time.time()
         fn(step_argv)
-    print(f"\ndone in {time.time() - start:.0f}s")
+        took[name] = time.time() - began
+    say(f"\ndone in {time.time() - start:.0f}s: " + ", ".join(f"{n} {t:.0f}s" for n, t in took.items()))
 
 
 if __name__ == "__main__":

@@ -75,3 +75,22 @@ def test_sweep_equals_one_process(two_runs):
 def test_no_parts_left(two_runs):
     for d in two_runs:
         assert not [p for p in d.rglob("*") if p.name.endswith(".parts")]
+
+
+def test_run_pipeline_under_torchrun_equals_one_process(tiny_model_dirs, tmp_path):
+    """run_pipeline.py runs every step in one process; under torchrun each step must wait for the first
+    process to write its files before the next step reads them."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    args = ["run_pipeline.py", "--model_name", str(tiny_model_dirs["phi"]), "--dataset", str(data),
+            "--num_data", "5", "--n_steps", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run([sys.executable, *args], tmp_path / "single")
+    proc = run([*torchrun, *args], tmp_path / "sharded")
+    assert proc.stdout.count("[7/7] sweep + figure") == 1    # one process reports
+    for name in ["labels.json", "res/both/per_sample.json"]:
+        single, sharded = (json.loads((tmp_path / d / name).read_text()) for d in ("single", "sharded"))
+        assert sharded == single
+    for path in (tmp_path / "single").rglob("*.pt"):
+        for a, b in zip(torch.load(path), torch.load(tmp_path / "sharded" / path.relative_to(tmp_path / "single"))):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)

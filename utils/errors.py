@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import sys
 
+import torch.distributed as dist
+
 
 class PipelineError(Exception):
     """A problem with the user's input or environment; the message names the fix."""
@@ -15,7 +17,12 @@ def cli_entry(main):
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
-            return main(argv)
+            result = main(argv)
+            # under torchrun the first process writes the step's files after the others are done: hold
+            # everyone here until it has, so a next step in the same process (run_pipeline.py) finds them
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            return result
         except PipelineError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
