@@ -22,17 +22,4 @@ for step in "Mag_attention.py" "Mag_mlp.py" "attribution_attention.py --metric g
     done
     echo "$step: 1 process ${t["one|$step"]} s, $nproc processes ${t["many|$step"]} s"
 done
-python3 - "$root" "$out" "$nproc" <<'PY'
-import json, sys, torch
-from pathlib import Path
-root, out, nproc = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-same = {}
-for f in sorted((root / "one").rglob("*.pt")):
-    a, b = torch.load(f), torch.load(root / "many" / f.relative_to(root / "one"))
-    same[str(f.relative_to(root / "one"))] = all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
-r1 = json.loads((root / "one/res/both/results.json").read_text())["curves"]
-r2 = json.loads((root / "many/res/both/results.json").read_text())["curves"]
-same["res/both/results.json curves"] = r1 == r2
-print(json.dumps(same, indent=1))
-Path(out).write_text(json.dumps({"nproc": int(nproc), "identical": same}, indent=1))
-PY
+python3 benchmarks/compare_runs.py "$root/one" "$root/many" --json "$out"
