@@ -1,6 +1,8 @@
 """Run every step in order, in one process (the model is loaded once):
 folder_creation -> label_generation -> Mag_attention -> Mag_mlp -> attribution_attention (gradient gxo)
--> attribution_attention (ig) -> main (all metrics, figure).  Each step resumes where it stopped.
+-> attribution_attention (ig) -> main (all metrics, figure).  Run again after a crash or Ctrl-C, it skips
+the steps whose files are complete for this run (--redo: recompute them) and resumes the interrupted one
+from its saved samples.
 
     python run_pipeline.py --offline                  # SmolLM2-135M-Instruct + TruthfulQA from wheels
     python run_pipeline.py                            # the paper's experiment: Phi-2, 100 questions, IG-20
@@ -16,7 +18,9 @@ import Mag_mlp
 import main as sweep_main
 from utils.distributed import current_shard
 from utils.models import OFFLINE_MODEL
+from utils.paths import ResultPaths, default_result_dir
 from utils.prompts import PROMPT_FORMATS
+from utils.provenance import labels_done, read_json, scores_done
 
 MODEL_NAME = "microsoft/phi-2"
 DATASET = "truthfulqa"
@@ -43,6 +47,7 @@ def parse(argv=None):
     p.add_argument("--n_steps", type=int, default=N_STEPS)
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="attribution_attention.py --batch_size")
     p.add_argument("--skip_ig", action="store_true", help="leave IG out")
+    p.add_argument("--redo", action="store_true", help="recompute steps whose files are already complete")
     p.add_argument("--dtype", default=DTYPE)
     p.add_argument("--prompt_format", default=PROMPT_FORMAT, choices=PROMPT_FORMATS)
     p.add_argument("--device", default=DEVICE)
@@ -54,6 +59,34 @@ def parse(argv=None):
             if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
     return args
+
+
+def done_check(args, paths: ResultPaths):
+    """Per step, a function telling whether its files are complete for this run (nothing is skipped with
+    --redo).  Score steps compare against the labels on disk, so new labels redo everything after them."""
+    if args.redo:
+        return lambda name: False
+
+    def run_id():
+        return read_json(paths.labels)["run_id"] if paths.labels.is_file() else None
+
+    def scored(kinds, comps=("attention", "mlp"), num=None, n_steps=None):
+        rid = run_id()
+        if rid is None:
+            return False
+        num = num or len(read_json(paths.labels)["labels"])
+        return all(scores_done(paths.score(k, c), rid, num, n_steps) for k in kinds for c in comps)
+
+    requested = {"model": args.model_name, "dataset": args.dataset, "num_data": args.num_data,
+                 "dtype": args.dtype, "seed": label_generation.SEED, "prompt_format": args.prompt_format}
+    checks = {
+        "labels": lambda: labels_done(paths.labels, requested),
+        "head magnitudes": lambda: scored(["magnitude"], comps=("attention",)),
+        "neuron magnitudes": lambda: scored(["magnitude"], comps=("mlp",)),
+        "gradient + gxo": lambda: scored(["gradient", "gxo", "grad_norm"]),
+        "integrated gradients": lambda: scored(["ig"], num=args.ig_num_data, n_steps=args.n_steps),
+    }
+    return lambda name: name in checks and checks[name]()
 
 
 def main(argv=None):
@@ -77,8 +110,12 @@ def main(argv=None):
                                   "--batch_size", str(args.batch_size)]))
     steps.append(("sweep + figure", sweep_main.main, where + ["--metric_name", "all"]))
     say = print if current_shard().is_main else (lambda *a, **k: None)   # torchrun: the first process reports
+    done = done_check(args, ResultPaths(args.result_dir or default_result_dir(args.dataset)))
     start, took = time.time(), {}
     for i, (name, fn, step_argv) in enumerate(steps, 1):
+        if done(name):
+            say(f"\n[{i}/{len(steps)}] {name}: its files are complete for this run; skipped (--redo recomputes)")
+            continue
         say(f"\n[{i}/{len(steps)}] {name}  ({time.time() - start:.0f}s so far)", flush=True)
         began = time.time()
         fn(step_argv)

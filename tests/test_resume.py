@@ -81,3 +81,31 @@ def test_killed_attribution_resumes_and_matches_uninterrupted_run(tmp_path, tiny
         for x, y in zip(a, b):
             assert x.shape == y.shape and x.shape[0] > 0
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_run_pipeline_skips_the_steps_it_finished(tmp_path, tiny_model_dirs):
+    """Run again, run_pipeline.py leaves complete files alone; a changed setting redoes what it affects."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"question": q, "best_answer": a}) for q, a in QUESTIONS[:3]))
+    base = [sys.executable, "run_pipeline.py", "--model_name", str(tiny_model_dirs["phi"]), "--dataset", str(data),
+            "--num_data", "3", "--n_steps", "2", "--device", "cpu", "--result_dir", str(tmp_path / "r")]
+
+    def pipeline(*extra):
+        proc = subprocess.run([*base, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return {line.split("]")[1].split(":")[0].split("  (")[0].strip()
+                for line in proc.stdout.splitlines() if line.startswith("[") and "skipped" in line}
+
+    def stamps():
+        files = [tmp_path / "r" / "labels.json", *sorted((tmp_path / "r").rglob("*_list.pt"))]
+        return {f.name: f.stat().st_mtime_ns for f in files}
+
+    all_steps = {"labels", "head magnitudes", "neuron magnitudes", "gradient + gxo", "integrated gradients"}
+    assert pipeline() == set()
+    first = stamps()
+    assert pipeline() == all_steps
+    assert stamps() == first                      # nothing rewritten
+    assert pipeline("--n_steps", "3") == all_steps - {"integrated gradients"}
+    changed = {name for name, t in stamps().items() if t != first[name]}
+    assert changed == {"ig_attention_list.pt", "ig_mlp_list.pt"}
+    assert pipeline("--n_steps", "3", "--redo") == set()

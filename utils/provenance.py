@@ -114,3 +114,34 @@ def load_scores(path: Path, labels: LabelSet, expected_shape, producer: str) -> 
             raise PipelineError(f"{path}: sample {i} holds non-finite scores; rerun {producer} "
                                 "(with --dtype float32 if it overflowed)")
     return tensors
+
+
+# -- is a step already done? (run_pipeline.py skips finished steps when run again) ------------------------
+def labels_done(path: Path, requested: dict) -> bool:
+    """``labels.json`` is complete and was made with ``requested`` (model, dataset, num_data, dtype, seed,
+    prompt_format; a prompt_format of auto matches whatever it resolved to)."""
+    if not path.is_file():
+        return False
+    try:
+        have = read_json(path)["settings"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return False
+    for key, want in requested.items():
+        if key == "prompt_format" and want == "auto":
+            continue
+        if key == "dtype":
+            want = str(resolve_dtype(want)).replace("torch.", "")
+        if str(have.get(key)) != str(want):
+            return False
+    return True
+
+
+def scores_done(path: Path, run_id: str, num_samples: int, n_steps: int | None = None) -> bool:
+    """``path`` (a score file) is complete, from the run ``run_id``, for ``num_samples`` samples (and, for
+    IG, ``n_steps`` steps)."""
+    meta_file = meta_path(path)
+    if not (path.is_file() and meta_file.is_file()):
+        return False
+    meta = read_json(meta_file)
+    return (meta.get("run_id") == run_id and meta.get("num_samples") == num_samples
+            and (n_steps is None or meta.get("n_steps") == n_steps))
