@@ -151,9 +151,10 @@ class Attributor:
             B = len(chunk)
             layer_of = torch.tensor([l for _, l, _ in chunk])
             rows = [1 + int((layer_of <= l).sum()) for l in range(L)]      # row 0: the dense row
-            scales = {c: torch.ones(B + 1, L, device=device) for c in COMPONENTS}
+            scales = {c: torch.ones(B + 1, L) for c in COMPONENTS}         # filled on the CPU, sent once
             for b, (c, l, k) in enumerate(chunk):
                 scales[c][b + 1, l] = k / n_steps
+            scales = {c: s.to(device) for c, s in scales.items()}
             batch_cache = repeated_cache(cache, rows) if cache is not None else None
             with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True), self._staggered_rows(rows):
                 logits, _ = self._forward(input_ids, batch_cache, use_cache=cache is not None)
@@ -161,10 +162,14 @@ class Attributor:
                 loss = F.cross_entropy(logits[1:], target.expand(B), reduction="sum")
                 sites = sorted({(c, l) for c, l, _ in chunk})
                 grads = torch.autograd.grad(loss, [self.hooks.probes[c][l] for c, l in sites])
-            by_site = dict(zip(sites, grads))
+            # a site's elements are consecutive rows: one sum per site, not one op per element
+            span = {}
             for b, (c, l, _) in enumerate(chunk):
-                g = by_site[(c, l)][b + 1].float()
-                sums[(c, l)] = sums[(c, l)] + g if (c, l) in sums else g
+                span.setdefault((c, l), [b + 1, b + 1])[1] = b + 1
+            for site, g in zip(sites, grads):
+                first, last = span[site]
+                part = g[first:last + 1].float().sum(0)
+                sums[site] = sums[site] + part if site in sums else part
             del batch_cache
         return {key: value / n_steps for key, value in sums.items()}
 
