@@ -48,6 +48,14 @@ def build(args):
     return model.to(getattr(torch, args.dtype)).eval().requires_grad_(False)
 
 
+def random_inputs(args, seed: int, device=None):
+    """A random prompt ``[1, prompt_len]`` (on ``device``) and a random label of ``label_len`` token ids."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=g)
+    label = torch.randint(0, args.vocab, (args.label_len,), generator=g).tolist()
+    return (prompt if device is None else prompt.to(device)), label
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -82,9 +90,7 @@ def main():
     args = p.parse_args()
 
     model = build(args)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=g).to(args.device)
-    label = torch.randint(0, args.vocab, (args.label_len,), generator=g).tolist()
+    prompt, label = random_inputs(args, seed=1, device=args.device)
     att = Attributor(model)
     fused = lambda: att.score_sample(prompt, label, step_mode=args.step_mode,  # noqa: E731
                                      step_batch_size=args.step_batch_size)

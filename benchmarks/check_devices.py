@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_attribution import add_model_args, build, rel_err, report  # noqa: E402
+from bench_attribution import add_model_args, build, random_inputs, rel_err, report  # noqa: E402
 
 from utils.attribution import Attributor  # noqa: E402
 from utils.generation import masked_generate  # noqa: E402
@@ -35,9 +35,7 @@ def main():
     cpu = build(cpu_args)
     gpu32 = copy.deepcopy(cpu).to(args.device)
     gpu16 = copy.deepcopy(cpu).to(args.device, torch.bfloat16)
-    g = torch.Generator().manual_seed(3)
-    prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=g)
-    label = torch.randint(0, args.vocab, (args.label_len,), generator=g).tolist()
+    prompt, label = random_inputs(args, seed=3)
 
     ref = Attributor(cpu).score_sample(prompt, label, ig_steps=args.ig_steps)
     runs = {

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_attribution import add_model_args, build, sync  # noqa: E402
+from bench_attribution import add_model_args, build, random_inputs, sync  # noqa: E402
 
 from utils.attribution import Attributor  # noqa: E402
 
@@ -29,9 +29,7 @@ def main():
     p.add_argument("--rows", type=int, default=25, help="profiler table rows")
     args = p.parse_args()
     model = build(args)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=g).to(args.device)
-    label = torch.randint(0, args.vocab, (args.label_len,), generator=g).tolist()
+    prompt, label = random_inputs(args, seed=1, device=args.device)
     att = Attributor(model)
     run = lambda on_step=None: att.score_sample(prompt, label, gradients=False, ig_steps=args.ig_steps,  # noqa: E731
                                                 ig_batch_size=args.batch_size, on_step=on_step)
