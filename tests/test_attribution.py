@@ -157,3 +157,25 @@ def test_step_modes_are_checked(arch_model):
     cached = Attributor(model).score_sample(prompt, label, step_mode="cached")
     for key in cached:
         assert torch.equal(auto[key], cached[key])
+
+
+def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
+    """--batch_size counts token positions: the prompt step (5 positions per element) packs 12 // 5 = 2
+    elements per pass, a one-token step 12; the dense row comes on top."""
+    _, model = arch_model
+    prompt, label = random_sample(6, prompt_len=5, label_len=2)
+    shapes = []
+    att = Attributor(model)
+    last = att.layout.decoder_layers[-1]
+    handle = last.register_forward_hook(lambda m, a, out: shapes.append(tuple((out[0] if isinstance(out, tuple)
+                                                                                 else out).shape[:2])))
+    try:
+        att.score_sample(prompt, label, gradients=False, ig_steps=3, ig_batch_size=12)
+    finally:
+        handle.remove()
+    elements = 2 * 3 * 3                     # components x layers x steps
+    prompt_passes = [s for s in shapes if s[1] == 5]
+    token_passes = [s for s in shapes if s[1] == 1]
+    assert prompt_passes[:-1] == [(3, 5)] * 9 and prompt_passes[-1] == (1, 5)   # 9 IG passes, then the dense one
+    assert token_passes == [(13, 1), (7, 1), (1, 1)]                            # 12 + 6 elements, then dense
+    assert sum(r - 1 for r, _ in prompt_passes[:-1]) == elements
