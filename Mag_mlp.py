@@ -11,8 +11,8 @@ DEVICE = "auto"
 
 @cli_entry
 def main(argv=None):
-    magnitude_step(MLP, "Mag_mlp.py", __doc__, {"dataset": DATASET, "result_dir": RESULT_DIR, "num_data": NUM_DATA,
-                                           "device": DEVICE}, argv)
+    defaults = {"dataset": DATASET, "result_dir": RESULT_DIR, "num_data": NUM_DATA, "device": DEVICE}
+    magnitude_step(MLP, "Mag_mlp.py", __doc__, defaults, argv)
 
 
 if __name__ == "__main__":

@@ -67,15 +67,12 @@ def done_check(args, paths: ResultPaths):
     if args.redo:
         return lambda name: False
 
-    def run_id():
-        return read_json(paths.labels)["run_id"] if paths.labels.is_file() else None
-
     def scored(kinds, comps=("attention", "mlp"), num=None, n_steps=None):
-        rid = run_id()
-        if rid is None:
+        if not paths.labels.is_file():     # read when asked: the labels step may just have rewritten it
             return False
-        num = num or len(read_json(paths.labels)["labels"])
-        return all(scores_done(paths.score(k, c), rid, num, n_steps) for k in kinds for c in comps)
+        labels = read_json(paths.labels)
+        num = num or len(labels["labels"])
+        return all(scores_done(paths.score(k, c), labels["run_id"], num, n_steps) for k in kinds for c in comps)
 
     requested = {"model": args.model_name, "dataset": args.dataset, "num_data": args.num_data,
                  "dtype": args.dtype, "seed": label_generation.SEED, "prompt_format": args.prompt_format}

@@ -32,21 +32,21 @@ def output_cache(outputs):
 
 
 def map_cache_(cache, fn) -> None:
-    """Apply ``fn`` to every key and value tensor of ``cache`` in place."""
+    """Replace every key and value tensor ``t`` of layer ``i`` of ``cache`` by ``fn(t, i)``, in place."""
     layers = getattr(cache, "layers", None)
     if layers is not None:
-        for layer in layers:
+        for i, layer in enumerate(layers):
             if getattr(layer, "keys", None) is not None and torch.is_tensor(layer.keys):
-                layer.keys = fn(layer.keys)
-                layer.values = fn(layer.values)
+                layer.keys = fn(layer.keys, i)
+                layer.values = fn(layer.values, i)
         return
-    cache.key_cache = [fn(k) for k in cache.key_cache]
-    cache.value_cache = [fn(v) for v in cache.value_cache]
+    cache.key_cache = [fn(k, i) for i, k in enumerate(cache.key_cache)]
+    cache.value_cache = [fn(v, i) for i, v in enumerate(cache.value_cache)]
 
 
 def detach_cache_(cache) -> None:
     """Cut the cache off the autograd graph of the step that filled it."""
-    map_cache_(cache, lambda t: t.detach())
+    map_cache_(cache, lambda t, _: t.detach())
 
 
 def repeated_cache(cache, batch):
@@ -55,21 +55,15 @@ def repeated_cache(cache, batch):
     ``batch`` may also be a list with one count per layer (IG's staggered batch grows with depth)."""
     new = cache.__class__.__new__(cache.__class__)
     new.__dict__.update(cache.__dict__)
-
-    def repeat(t: torch.Tensor, layer: int) -> torch.Tensor:
-        count = batch[layer] if isinstance(batch, (list, tuple)) else batch
-        return t.detach().repeat_interleave(count, dim=0)
-
     layers = getattr(cache, "layers", None)
     if layers is not None:
         new.layers = []
-        for i, layer in enumerate(layers):
+        for layer in layers:
             copy = layer.__class__.__new__(layer.__class__)
             copy.__dict__.update(layer.__dict__)
-            if getattr(layer, "keys", None) is not None and torch.is_tensor(layer.keys):
-                copy.keys, copy.values = repeat(layer.keys, i), repeat(layer.values, i)
             new.layers.append(copy)
     else:
-        new.key_cache = [repeat(k, i) for i, k in enumerate(cache.key_cache)]
-        new.value_cache = [repeat(v, i) for i, v in enumerate(cache.value_cache)]
+        new.key_cache, new.value_cache = list(cache.key_cache), list(cache.value_cache)
+    counts = batch if isinstance(batch, (list, tuple)) else None
+    map_cache_(new, lambda t, i: t.detach().repeat_interleave(batch if counts is None else counts[i], dim=0))
     return new

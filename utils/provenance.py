@@ -56,19 +56,32 @@ def load_labels(path: Path) -> LabelSet:
         raise PipelineError(f"{path} is not a labels file of this pipeline; rerun label_generation.py") from None
 
 
+def dtype_name(dtype: str) -> str:
+    """The name a run records for a ``--dtype`` (aliases resolved: fp32 -> float32)."""
+    return str(resolve_dtype(dtype)).replace("torch.", "")
+
+
+def first_mismatch(requested: dict, settings: dict):
+    """The first ``(key, wanted, recorded)`` where ``requested`` contradicts a run's ``settings``; None if
+    they agree.  A None request asks nothing; prompt_format auto matches what it resolved to."""
+    for key, want in requested.items():
+        if want is None or (key == "prompt_format" and want == "auto"):
+            continue
+        if key == "dtype":
+            want = dtype_name(want)
+        if str(want) != str(settings.get(key)):
+            return key, want, settings.get(key)
+    return None
+
+
 def check_requested(requested: dict, labels: LabelSet) -> None:
     """Flags the user gave explicitly must agree with the run that made the labels."""
-    for key in PROVENANCE_KEYS:
-        want = requested.get(key)
-        have = labels.settings.get(key)
-        if key == "prompt_format" and want == "auto":  # labels store what auto resolved to
-            continue
-        if key == "dtype" and want is not None:  # labels store the canonical name: fp32 means float32
-            want = str(resolve_dtype(want)).replace("torch.", "")
-        if want is not None and str(want) != str(have):
-            raise PipelineError(f"--{'model_name' if key == 'model' else key} {want} differs from the run that "
-                                f"made {labels.path} ({key} = {have}); drop the flag to use the labels' "
-                                "setting, or rerun label_generation.py with it")
+    mismatch = first_mismatch({key: requested.get(key) for key in PROVENANCE_KEYS}, labels.settings)
+    if mismatch is not None:
+        key, want, have = mismatch
+        raise PipelineError(f"--{'model_name' if key == 'model' else key} {want} differs from the run that "
+                            f"made {labels.path} ({key} = {have}); drop the flag to use the labels' "
+                            "setting, or rerun label_generation.py with it")
 
 
 def meta_path(path: Path) -> Path:
@@ -126,14 +139,7 @@ def labels_done(path: Path, requested: dict) -> bool:
         have = read_json(path)["settings"]
     except (KeyError, TypeError, json.JSONDecodeError):
         return False
-    for key, want in requested.items():
-        if key == "prompt_format" and want == "auto":
-            continue
-        if key == "dtype":
-            want = str(resolve_dtype(want)).replace("torch.", "")
-        if str(have.get(key)) != str(want):
-            return False
-    return True
+    return first_mismatch(requested, have) is None
 
 
 def scores_done(path: Path, run_id: str, num_samples: int, n_steps: int | None = None) -> bool:

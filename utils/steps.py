@@ -16,7 +16,7 @@ from .io import write_json
 from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
 from .paths import ResultPaths
 from .prompts import prompt_ids, resolve_prompt_format
-from .provenance import run_id_of, write_scores
+from .provenance import dtype_name, run_id_of, write_scores
 from .sites import COMPONENTS
 
 
@@ -35,7 +35,7 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
     fmt = resolve_prompt_format(prompt_format, tokenizer)
     eos = eos_token_ids(model, tokenizer)
     settings = {"model": model_name, "dataset": dataset, "num_data": len(samples), "prompt_format": fmt,
-                "dtype": str(resolve_dtype(dtype)).replace("torch.", ""), "seed": seed,
+                "dtype": dtype_name(dtype), "seed": seed,
                 "max_new_tokens": "token length of each sample's reference answer", "eos_token_ids": eos}
     ckpt = open_checkpoint(paths.labels, json.dumps(settings, sort_keys=True))
     bar = tqdm(total=len(samples), desc="labels", unit="sample", disable=not current_shard().is_main)
