@@ -15,8 +15,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                          PhiConfig, PhiForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,  # noqa: E402
+                          LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM)
 
 VOCAB = 128
 
@@ -37,18 +37,31 @@ def tiny_llama(vocab=VOCAB, layers=3, heads=4, kv_heads=2, hidden=32, intermedia
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
+def tiny_gemma(vocab=VOCAB, layers=3, heads=4, kv_heads=1, hidden=32, intermediate=48, head_dim=8,
+               sliding_window=512, seed=0):
+    """Gemma-3-style: one KV head for all query heads, q/k norms, gated GELU MLP, and sliding-window
+    layers alternating with full ones (the window is wider than any test sequence unless given)."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                           head_dim=head_dim, max_position_embeddings=256, sliding_window=sliding_window,
+                           layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                        for i in range(layers)])
+    return Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
+
+
 def tiny_gpt2(vocab=VOCAB, seed=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(cfg).eval().requires_grad_(False)
 
 
-BUILDERS = {"phi": tiny_phi, "llama": tiny_llama}
+BUILDERS = {"phi": tiny_phi, "llama": tiny_llama, "gemma": tiny_gemma}
 
 
 @pytest.fixture(params=sorted(BUILDERS))
 def arch_model(request):
-    """A tiny model of each architecture the pipeline must support (Phi and Llama-style)."""
+    """A tiny model of each architecture the pipeline must support (Phi, Llama and Gemma-style)."""
     return request.param, BUILDERS[request.param]()
 
 

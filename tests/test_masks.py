@@ -106,6 +106,9 @@ def test_gqa_and_gated_weights(arch_model):
     if arch == "llama":  # 4 heads sharing 2 kv heads, head_dim 8, hidden 32, gated MLP
         assert w.head == 32 * 8 * (1 + 2 * 0.5) + 8 * 32
         assert w.neuron == 3 * 32
+    elif arch == "gemma":  # 4 heads sharing 1 kv head, head_dim 8, hidden 32, gated MLP
+        assert w.head == 32 * 8 * (1 + 2 * 0.25) + 8 * 32
+        assert w.neuron == 3 * 32
     else:
         assert w.head == 4 * 32 * 8 and w.neuron == 2 * 32
 

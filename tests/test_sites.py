@@ -18,12 +18,13 @@ def test_layouts_of_supported_architectures(arch_model):
     arch, model = arch_model
     layout = locate_units(model)
     assert layout.num_layers == 3 and layout.num_heads == 4 and layout.head_dim == 8
-    names = {"phi": ("dense", "fc2"), "llama": ("o_proj", "down_proj")}[arch]
+    names = {"phi": ("dense", "fc2"), "llama": ("o_proj", "down_proj"), "gemma": ("o_proj", "down_proj")}[arch]
     modules = dict(model.named_modules())
     assert modules[f"model.layers.1.self_attn.{names[0]}"] is layout.attn_out[1]
     assert modules[f"model.layers.2.mlp.{names[1]}"] is layout.mlp_down[2]
     assert layout.intermediate == model.config.intermediate_size
-    assert layout.gated_mlp == (arch == "llama")
+    assert layout.gated_mlp == (arch in ("llama", "gemma"))
+    assert layout.num_kv_heads == {"phi": 4, "llama": 2, "gemma": 1}[arch]
 
 
 def test_gpt2_layout_uses_conv1d_c_proj():
