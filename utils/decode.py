@@ -1,0 +1,208 @@
+"""One greedy decode loop for dense and sparse models alike, built for speed measurements.
+
+A ``StaticCache`` (each layer sizes itself from its first keys, so sparse layers with fewer KV heads
+are fine), an eager prefill, then one step function
+``model(input_ids=tok, position_ids=pos, cache=...).logits[:, -1:].argmax(-1)`` called once per token.
+On CUDA the step is compiled with ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA
+graphs): ``torch.compiler.cudagraph_mark_step_begin()`` before each call, the inputs updated in place,
+the output cloned before the next replay overwrites it.  (Compiling the model's forward and calling
+``generate(cache_implementation="static")`` fails on CUDA graphs with "accessing tensor output of
+CUDAGraphs that has been overwritten"; this loop owns every buffer instead.)  On a CPU it runs eager
+unless ``compile`` is given.
+
+:func:`fuse_projections` cuts the fixed per-token cost (kernel launches): one matrix for q/k/v and one
+for gate/up, keeping the stock HF forward.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .errors import PipelineError
+from .kv_cache import cache_argument_name
+from .sites import locate_units
+from .sparse_model import SparsePlan, _linear, shallow_clone, sparse_cache
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class _FusedLinear(nn.Module):
+    """One Linear computing the outputs of several projections of the same input at once.  The
+    :class:`_FusedPart` modules standing where the separate projections were hand out the pieces: the
+    first part computes all of them and keeps the others until their parts are called.  Exact for
+    forwards that call the parts in order on the same input, as the stock q/k/v projections of Phi,
+    Llama, Gemma-3, Mistral and Qwen2 and the gate/up projections of their gated MLPs do."""
+
+    def __init__(self, linears):
+        super().__init__()
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat([lin.bias if lin.bias is not None else
+                              torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                              for lin in linears])
+        self.proj = _linear(weight, bias)
+        self.sizes = [lin.out_features for lin in linears]
+        self._pending = None
+
+    def piece(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index == 0:
+            pieces = self.proj(x).split(self.sizes, dim=-1)
+            self._pending = pieces[1:]
+            return pieces[0]
+        pieces = self._pending
+        if index == len(self.sizes) - 1:
+            self._pending = None          # hold nothing between forward passes
+        return pieces[index - 1]
+
+
+class _FusedPart(nn.Module):
+    def __init__(self, owner: _FusedLinear, index: int, out_features: int):
+        super().__init__()
+        self.__dict__["owner"] = owner   # not a child: the owner is registered once, on the parent
+        self.index = index
+        self.out_features = out_features
+
+    def forward(self, x):
+        return self.owner.piece(self.index, x)
+
+
+def _fuse(parent: nn.Module, names, fused_name: str) -> None:
+    linears = [getattr(parent, n) for n in names]
+    owner = _FusedLinear(linears)
+    setattr(parent, fused_name, owner)
+    for i, (name, lin) in enumerate(zip(names, linears)):
+        setattr(parent, name, _FusedPart(owner, i, lin.out_features))
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """A new model (sharing every unchanged module) with q/k/v as one matrix per layer and, for gated
+    MLPs, gate/up as one.  Phi's plain MLP (fc1 -> act -> fc2) has nothing to fuse.  The concatenated
+    weights are new tensors: drop the unfused model to keep one copy."""
+    fused = shallow_clone(model)
+    layout = locate_units(fused)
+    with torch.no_grad():
+        for layer in layout.decoder_layers:
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear)
+                                       for n in ("q_proj", "k_proj", "v_proj")):
+                raise PipelineError(f"fuse_projections needs q_proj/k_proj/v_proj Linear modules in "
+                                    f"{type(layer).__name__}.self_attn; run without --fused")
+            _fuse(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+            mlp = getattr(layer, "mlp", None)
+            if mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj")):
+                _fuse(mlp, ("gate_proj", "up_proj"), "gate_up_proj")
+    return fused
+
+
+def _static_cache(model, max_len: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+class GreedyDecoder:
+    """Greedy decoding of ``batch`` sequences of at most ``max_len`` tokens (prompt + new) with one
+    static cache and one (optionally compiled) step function, both reused across :meth:`generate`
+    calls so a compiled step and its CUDA graph are built once.
+
+    ``compile``: None/"none" (eager) or a ``torch.compile`` mode; "reduce-overhead" uses CUDA graphs
+    and needs a CUDA model."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, compile: str | None = None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.batch, self.max_len = batch, max_len
+        mode = None if compile in (None, "none") else compile
+        if mode is not None and mode not in COMPILE_MODES:
+            raise PipelineError(f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}")
+        self.cudagraphs = mode in ("reduce-overhead", "max-autotune")
+        if self.cudagraphs and self.device.type != "cuda":
+            raise PipelineError(f"compile mode {mode!r} uses CUDA graphs; on {self.device.type} use 'default' or none")
+        self.cache_name = cache_argument_name(model)
+        self.takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+        self.cache = _static_cache(model, max_len)
+        # the step's inputs live in fixed buffers updated in place (CUDA graphs replay fixed addresses)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.cache_pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.step = self._step if mode is None else torch.compile(self._step, mode=mode, fullgraph=True)
+
+    def _kwargs(self, model, input_ids, position_ids, cache, cache_position) -> dict:
+        kwargs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": True,
+                  self.cache_name: cache}
+        if self.takes_cache_position:     # transformers < 5.2x reads positions from cache_position
+            kwargs["cache_position"] = cache_position
+        return kwargs
+
+    def _step(self):
+        out = self.model(**self._kwargs(self.model, self.tok, self.pos, self.cache, self.cache_pos))
+        return out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids: torch.Tensor, prefill_model: nn.Module | None = None,
+                plan: SparsePlan | None = None) -> torch.Tensor:
+        """Reset the cache and run the prompt; returns the first new token ``[B, 1]``.  With
+        ``prefill_model`` (the dense model) and ``plan``, the prompt runs dense and its cache is handed
+        over to this decoder's (sparse) model: only the plan's KV heads are kept."""
+        prompt_ids = prompt_ids.to(self.device)
+        B, P = prompt_ids.shape
+        if B != self.batch:
+            raise PipelineError(f"this decoder was built for batch {self.batch}, not {B}")
+        if P + 1 > self.max_len:
+            raise PipelineError(f"prompt of {P} tokens does not fit a cache of {self.max_len}")
+        self.cache.reset()
+        positions = torch.arange(P, device=self.device)
+        pos_ids = positions[None].expand(B, -1)
+        if prefill_model is None:
+            out = self.model(**self._kwargs(self.model, prompt_ids, pos_ids, self.cache, positions))
+        else:
+            if plan is None:
+                raise PipelineError("a dense prefill handed over to a sparse model needs its plan")
+            from transformers import DynamicCache
+
+            dense_cache = DynamicCache()
+            name = cache_argument_name(prefill_model)
+            kwargs = {"input_ids": prompt_ids, "position_ids": pos_ids, "use_cache": True, name: dense_cache}
+            if "cache_position" in inspect.signature(prefill_model.forward).parameters:
+                kwargs["cache_position"] = positions
+            out = prefill_model(**kwargs)
+            handed = sparse_cache(dense_cache, plan)
+            for target, layer in zip(self.cache.layers, handed.layers):
+                # a layer's own update: sizes a static layer from these keys and writes positions 0..P-1
+                target.update(layer.keys, layer.values, {"cache_position": positions})
+        self.pos.fill_(P)
+        self.cache_pos.fill_(P)
+        first = out.logits[:, -1:].argmax(-1)
+        self.tok.copy_(first)
+        return first
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, new_tokens: int, prefill_model: nn.Module | None = None,
+                 plan: SparsePlan | None = None, sync: bool = True) -> torch.Tensor:
+        """Greedy ``new_tokens`` tokens (no EOS stop: a fixed length, as speed measurements need)
+        after ``prompt_ids [B, P]``; returns ``[B, new_tokens]``."""
+        if prompt_ids.shape[1] + new_tokens > self.max_len:
+            raise PipelineError(f"{prompt_ids.shape[1]} prompt + {new_tokens} new tokens exceed the cache "
+                                f"length {self.max_len}")
+        tokens = [self.prefill(prompt_ids, prefill_model, plan)]
+        for _ in range(new_tokens - 1):
+            if self.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            nxt = self.step().clone()       # the graph's output buffer is overwritten by the next replay
+            tokens.append(nxt)
+            self.tok.copy_(nxt)
+            self.pos.add_(1)
+            self.cache_pos.add_(1)
+        out = torch.cat(tokens, dim=1)
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
+
+
+def greedy_decode(model, prompt_ids, new_tokens: int, *, prefill_model=None, plan=None, compile=None):
+    """One-off :class:`GreedyDecoder` run: ``[B, new_tokens]`` greedy tokens."""
+    decoder = GreedyDecoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + new_tokens, compile=compile)
+    return decoder.generate(prompt_ids, new_tokens, prefill_model=prefill_model, plan=plan)
