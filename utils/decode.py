@@ -22,8 +22,7 @@ from torch import nn
 
 from .errors import PipelineError
 from .kv_cache import cache_argument_name
-from .sites import locate_units
-from .sparse_model import SparsePlan, _linear, shallow_clone, sparse_cache
+from .sparse_model import SparsePlan, _linear, decoder_layers, shallow_clone, sparse_cache
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -82,9 +81,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     MLPs, gate/up as one.  Phi's plain MLP (fc1 -> act -> fc2) has nothing to fuse.  The concatenated
     weights are new tensors: drop the unfused model to keep one copy."""
     fused = shallow_clone(model)
-    layout = locate_units(fused)
     with torch.no_grad():
-        for layer in layout.decoder_layers:
+        for layer in decoder_layers(fused):
             attn = getattr(layer, "self_attn", None)
             if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear)
                                        for n in ("q_proj", "k_proj", "v_proj")):

@@ -118,6 +118,17 @@ def shallow_clone(model: nn.Module) -> nn.Module:
     return clone(model)
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks (found without reading unit widths, so it works on sparse models,
+    whose layers differ in width and which ``locate_units`` rejects)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    n = getattr(config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise PipelineError(f"found no list of {n} decoder layers in {type(model).__name__}")
+
+
 def _linear(weight: torch.Tensor, bias) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight`` (and ``bias``: a tensor, or an existing Parameter to share)."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -183,10 +194,9 @@ def sparse_model(model: nn.Module, keep: dict, *, share_unchanged: bool = True):
     plan = make_plan(model, keep)
     layout = locate_units(model)
     sparse = shallow_clone(model)
-    sparse_layout = locate_units(sparse)       # the cloned containers, still holding the dense leaves
     hd = plan.head_dim
     with torch.no_grad():
-        for l, (layer, lp) in enumerate(zip(sparse_layout.decoder_layers, plan.layers)):
+        for l, (layer, lp) in enumerate(zip(decoder_layers(sparse), plan.layers)):
             where = f"decoder layer {l} ({type(layer).__name__})"
             _, attn, out_name = _attention_parts(layer, layout.attn_out[l], where)
             q_idx, kv_idx = _head_index(lp.q_heads, hd), _head_index(lp.kv_heads, hd)
