@@ -107,9 +107,11 @@ class GreedyDecoder:
     calls so a compiled step and its CUDA graph are built once.
 
     ``compile``: None/"none" (eager) or a ``torch.compile`` mode; "reduce-overhead" uses CUDA graphs
-    and needs a CUDA model."""
+    and needs a CUDA model.  ``backend``: torch.compile's backend ("eager" checks that the step traces
+    as one graph without generating code)."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, compile: str | None = None):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, compile: str | None = None,
+                 backend: str = "inductor"):
         self.model = model
         self.device = next(model.parameters()).device
         self.batch, self.max_len = batch, max_len
@@ -126,7 +128,8 @@ class GreedyDecoder:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.step = self._step if mode is None else torch.compile(self._step, mode=mode, fullgraph=True)
+        self.step = self._step if mode is None else torch.compile(
+            self._step, fullgraph=True, backend=backend, **({"mode": mode} if backend == "inductor" else {}))
 
     def _kwargs(self, model, input_ids, position_ids, cache, cache_position) -> dict:
         kwargs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": True,
