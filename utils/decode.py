@@ -16,6 +16,7 @@ for gate/up, keeping the stock HF forward.
 from __future__ import annotations
 
 import inspect
+import time
 
 import torch
 from torch import nn
@@ -128,6 +129,16 @@ class GreedyDecoder:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        if mode is not None:
+            # dynamo keeps compiled versions per code object, and every decoder (dense, each sparse
+            # model, each batch) shares _step's: allow enough before it silently falls back to eager
+            for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                         "accumulated_recompile_limit"):
+                if isinstance(getattr(torch._dynamo.config, name, None), int):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+            if self.device.type == "cuda":
+                for buf in (self.tok, self.pos, self.cache_pos):
+                    torch._dynamo.mark_static_address(buf)   # fixed inputs: no copy into the graph
         self.step = self._step if mode is None else torch.compile(
             self._step, fullgraph=True, backend=backend, **({"mode": mode} if backend == "inductor" else {}))
 
@@ -182,13 +193,18 @@ class GreedyDecoder:
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, new_tokens: int, prefill_model: nn.Module | None = None,
-                 plan: SparsePlan | None = None, sync: bool = True) -> torch.Tensor:
+                 plan: SparsePlan | None = None, timings: dict | None = None) -> torch.Tensor:
         """Greedy ``new_tokens`` tokens (no EOS stop: a fixed length, as speed measurements need)
-        after ``prompt_ids [B, P]``; returns ``[B, new_tokens]``."""
+        after ``prompt_ids [B, P]``; returns ``[B, new_tokens]``.  ``timings``: a dict that receives
+        ``prefill_s`` and ``decode_s`` (the new_tokens - 1 steps), the device synchronised at each."""
         if prompt_ids.shape[1] + new_tokens > self.max_len:
             raise PipelineError(f"{prompt_ids.shape[1]} prompt + {new_tokens} new tokens exceed the cache "
                                 f"length {self.max_len}")
+        self._sync()
+        start = time.perf_counter()
         tokens = [self.prefill(prompt_ids, prefill_model, plan)]
+        self._sync()
+        mid = time.perf_counter()
         for _ in range(new_tokens - 1):
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -197,10 +213,15 @@ class GreedyDecoder:
             self.tok.copy_(nxt)
             self.pos.add_(1)
             self.cache_pos.add_(1)
-        out = torch.cat(tokens, dim=1)
-        if sync and self.device.type == "cuda":
+        self._sync()
+        if timings is not None:
+            timings["prefill_s"] = mid - start
+            timings["decode_s"] = time.perf_counter() - mid
+        return torch.cat(tokens, dim=1)
+
+    def _sync(self):
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return out
 
 
 def greedy_decode(model, prompt_ids, new_tokens: int, *, prefill_model=None, plan=None, compile=None):

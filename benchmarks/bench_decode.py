@@ -1,0 +1,247 @@
+"""Decode speed of the dense model against sparse models (masked heads and neurons physically removed)
+at several kept shares, side by side in one run, through one decode loop (utils/decode.py).
+
+    python benchmarks/bench_decode.py --model smollm2 --batch 1 --new_tokens 64          # 2-core CPU, eager
+    python benchmarks/bench_decode.py --model phi2-shaped --device cuda --dtype bfloat16 \\
+        --batch 1 16 --fused both --json bench_decode_phi2.json                          # H200, CUDA graphs
+
+Each row: milliseconds per new token (median over --repeats after --warmup runs; the prompt's dense
+prefill is timed apart), the speed-up over the dense model on the SAME path (batch, fused, compile),
+the weight bytes, the ideal speed-up if time were proportional to the weight bytes read per token, and
+the peak memory.  Sparse rows run the way the sweep's prompt/static sources do: the prompt dense, its
+cache handed over, every later token sparse.  The kept share applies to heads and neurons alike; which
+units are kept is random (fixed seed): the speed does not depend on which ones, only on how many.
+Heads are chosen per KV group (the same count in every group), so no padding is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.decode import COMPILE_MODES, GreedyDecoder, fuse_projections  # noqa: E402
+from utils.errors import PipelineError, cli_entry  # noqa: E402
+from utils.io import write_json  # noqa: E402
+from utils.models import OFFLINE_MODEL, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
+from utils.sites import ATTN, MLP, locate_units  # noqa: E402
+from utils.sparse_model import kept_share, sparse_model, weight_bytes  # noqa: E402
+
+MODELS = ("smollm2", "phi2-shaped", "llama-3.6b", "tiny")
+MODEL = "tiny"
+DEVICE = "auto"
+DTYPE = "float32"
+BATCH = [1, 16]
+PROMPT_LEN = 32
+NEW_TOKENS = 128
+KEPT = [1.0, 0.7, 0.5, 0.3]
+COMPILE = "auto"          # CUDA: reduce-overhead (CUDA graphs); CPU: eager
+FUSED = "off"
+WARMUP = 1
+REPEATS = 3
+SEED = 0
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype):
+    """The real SmolLM2 (offline GGUF) or a random model of a named shape, built on the device."""
+    if name == "smollm2":
+        return load_model_and_tokenizer(OFFLINE_MODEL, device, dtype)[0]
+    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+
+    if name == "phi2-shaped":
+        cfg, cls = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+                             num_attention_heads=32, partial_rotary_factor=0.4,
+                             max_position_embeddings=2048), PhiForCausalLM
+    elif name == "llama-3.6b":
+        # Llama-3.2-3B's shape with an untied lm_head: 3.6B parameters
+        cfg, cls = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                               num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                               tie_word_embeddings=False, max_position_embeddings=4096), LlamaForCausalLM
+    elif name == "tiny":
+        cfg, cls = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=512), LlamaForCausalLM
+    else:
+        raise PipelineError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
+    torch.manual_seed(SEED)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)     # initialise in the target dtype: no float32 copy of a 3.6B model
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def balanced_keep(layout, share: float, seed: int) -> dict:
+    """``share`` of the heads of every KV group and of every layer's neurons, chosen at random."""
+    g = torch.Generator().manual_seed(seed)
+    L, H, I, KV = layout.num_layers, layout.num_heads, layout.intermediate, layout.num_kv_heads
+    per = H // KV
+    n_heads, n_neurons = max(1, round(share * per)), max(1, round(share * I))
+    heads = torch.zeros(L, H, dtype=torch.bool)
+    neurons = torch.zeros(L, I, dtype=torch.bool)
+    for l in range(L):
+        for grp in range(KV):
+            heads[l, grp * per + torch.randperm(per, generator=g)[:n_heads]] = True
+        neurons[l, torch.randperm(I, generator=g)[:n_neurons]] = True
+    return {ATTN: heads, MLP: neurons}
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(model, prompt, args, compile_mode, prefill_model=None, plan=None) -> dict:
+    device = prompt.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    decoder = GreedyDecoder(model, prompt.shape[0], prompt.shape[1] + args.new_tokens, compile=compile_mode)
+    decode, prefill = [], []
+    tokens = None
+    for run in range(args.warmup + args.repeats):
+        t = {}
+        tokens = decoder.generate(prompt, args.new_tokens, prefill_model=prefill_model, plan=plan, timings=t)
+        if run >= args.warmup:
+            decode.append(t["decode_s"])
+            prefill.append(t["prefill_s"])
+    steps = max(args.new_tokens - 1, 1)
+    out = {"ms_per_token": 1e3 * statistics.median(decode) / steps,
+           "ms_per_token_runs": [1e3 * d / steps for d in decode],
+           "prefill_ms": 1e3 * statistics.median(prefill),
+           "peak_mem_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss_bytes()),
+           "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS",
+           "first_tokens": tokens[0, :8].tolist()}
+    del decoder
+    if compile_mode is not None:
+        torch._dynamo.reset()          # drop this model's compiled graphs (and their CUDA graph pools)
+    return out
+
+
+def run(args) -> dict:
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    compile_mode = args.compile
+    if compile_mode == "auto":
+        compile_mode = "reduce-overhead" if device.type == "cuda" else "none"
+    compile_mode = None if compile_mode == "none" else compile_mode
+    fused_opts = {"off": [False], "on": [True], "both": [False, True]}[args.fused]
+    if any(not 0 < k <= 1 for k in args.kept):
+        raise PipelineError(f"--kept shares must be in (0, 1]; got {args.kept}")
+    t0 = time.perf_counter()
+    dense = build_model(args.model, device, dtype)
+    print(f"model {args.model}: built in {time.perf_counter() - t0:.1f} s on {device} ({dtype})", flush=True)
+    layout = locate_units(dense)
+    vocab = dense.get_input_embeddings().weight.shape[0]
+    dense_bytes = weight_bytes(dense)
+    rows = []
+    for batch in args.batch:
+        prompt = torch.randint(0, vocab, (batch, args.prompt_len),
+                               generator=torch.Generator().manual_seed(SEED)).to(device)
+        for fused in fused_opts:
+            base_model = fuse_projections(dense) if fused else dense
+            base = measure(base_model, prompt, args, compile_mode)
+            del base_model
+            for share in args.kept:
+                row = {"batch": batch, "fused": fused, "compile": compile_mode or "eager", "kept": share}
+                if share == 1.0:
+                    row.update(path="dense", **base, build_ms=0.0, weight_bytes=dense_bytes["total"],
+                               kept_heads=1.0, kept_neurons=1.0)
+                else:
+                    keep = balanced_keep(layout, share, SEED)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    sparse, plan = sparse_model(dense, keep)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    build_ms = 1e3 * (time.perf_counter() - start)
+                    shares = kept_share(plan)
+                    sparse_bytes = weight_bytes(sparse)["total"]
+                    model = fuse_projections(sparse) if fused else sparse
+                    del sparse
+                    result = measure(model, prompt, args, compile_mode, prefill_model=dense, plan=plan)
+                    del model
+                    row.update(path="sparse", **result, build_ms=build_ms, weight_bytes=sparse_bytes,
+                               kept_heads=shares["heads"], kept_neurons=shares["neurons"])
+                row["speedup"] = base["ms_per_token"] / row["ms_per_token"]
+                row["ideal_speedup"] = dense_bytes["total"] / row["weight_bytes"]
+                rows.append(row)
+                print(f"  batch {batch} fused={fused} kept {share}: {row['ms_per_token']:.2f} ms/token "
+                      f"({row['speedup']:.2f}x, ideal {row['ideal_speedup']:.2f}x)", flush=True)
+    return {"settings": {"model": args.model, "device": str(device),
+                         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                         else platform.processor() or platform.machine()),
+                         "dtype": str(dtype).replace("torch.", ""), "prompt_len": args.prompt_len,
+                         "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
+                         "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "transformers": __import__("transformers").__version__},
+            "dense_weight_bytes": dense_bytes, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"{s['model']} on {s['device']} ({s['device_name']}), {s['dtype']}, prompt {s['prompt_len']}, "
+             f"{s['new_tokens']} new tokens, median of {s['repeats']}",
+             "",
+             "| batch | fused | compile | kept | heads / neurons kept | path | ms/token | speed-up | ideal (bytes) | "
+             "weights MB | peak MB | build ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['batch']} | {'yes' if r['fused'] else 'no'} | {r['compile']} | {r['kept']:.1f} | "
+                     f"{r['kept_heads']:.2f} / {r['kept_neurons']:.2f} | {r['path']} | {r['ms_per_token']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                     f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['build_ms']:.0f} |")
+    lines.append("")
+    lines.append(f"peak MB: {result['rows'][0]['peak_mem_kind']}; build ms: the sparse model's gather "
+                 "(index_select of the kept slices), paid once per request for a per-prompt mask")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=MODEL, choices=MODELS)
+    p.add_argument("--device", default=DEVICE)
+    p.add_argument("--dtype", default=DTYPE)
+    p.add_argument("--batch", type=int, nargs="+", default=BATCH)
+    p.add_argument("--prompt_len", type=int, default=PROMPT_LEN)
+    p.add_argument("--new_tokens", type=int, default=NEW_TOKENS)
+    p.add_argument("--kept", type=float, nargs="+", default=KEPT)
+    p.add_argument("--compile", default=COMPILE, choices=("auto",) + COMPILE_MODES,
+                   help="auto: reduce-overhead (CUDA graphs) on CUDA, eager on CPU")
+    p.add_argument("--fused", nargs="?", const="on", default=FUSED, choices=("off", "on", "both"),
+                   help="one matrix for q/k/v and one for gate/up (--fused alone: on; both: rows for each)")
+    p.add_argument("--warmup", type=int, default=WARMUP)
+    p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--json", default=None, help="write the rows and settings here")
+    args = p.parse_args(argv)
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or args.warmup < 0:
+        raise PipelineError("need --new_tokens >= 2, --prompt_len >= 1, --repeats >= 1, --warmup >= 0")
+    return args
+
+
+@cli_entry
+def main(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    print(markdown(result))
+    if args.json:
+        write_json(Path(args.json), result)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
