@@ -219,3 +219,29 @@ def test_bad_mask_shape_is_one_line_error(arch_model):
             MLP: torch.ones(layout.num_layers, layout.intermediate, dtype=torch.bool)}
     with pytest.raises(PipelineError, match="keep masks must be"):
         sparse_model(model, keep)
+
+
+def test_static_cache_handover_equals_masked_generate(arch_model):
+    """The same handover from a dense StaticCache: the sparse layers keep the kept KV heads' slices."""
+    from transformers import StaticCache
+
+    arch, model = arch_model
+    layout = locate_units(model)
+    keep, T = hard_masks(layout, 60), 16
+    sparse, plan = sparse_model(model, keep)
+    ids = random_ids(61, batch=1, length=7)
+    name = cache_argument_name(model)
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    with torch.no_grad():
+        out = model(**forward_kwargs(name, ids, cache))
+        handed = sparse_cache(cache, plan)
+        tokens = [out.logits[:, -1].argmax(-1)]
+        for _ in range(T - 1):
+            out = sparse(**forward_kwargs(name, tokens[-1][:, None], handed))
+            tokens.append(out.logits[:, -1].argmax(-1))
+    steps = {c: keep[c][None, None].expand(1, T, -1, -1) for c in keep}
+    with SiteHooks(model, layout) as hooks:
+        want = masked_generate(model, hooks, ids, steps, eos_ids=NO_EOS)[0]
+    assert torch.stack(tokens, 1)[0].tolist() == want, arch
+    for dense_layer, layer, lp in zip(cache.layers, handed.layers, plan.layers):
+        assert layer.keys.shape[1] == len(lp.kv_heads) and dense_layer.keys.shape[1] == layout.num_kv_heads
