@@ -138,6 +138,8 @@ def run(args) -> dict:
     if compile_mode == "auto":
         compile_mode = "reduce-overhead" if device.type == "cuda" else "none"
     compile_mode = None if compile_mode == "none" else compile_mode
+    if compile_mode in ("reduce-overhead", "max-autotune") and device.type != "cuda":
+        raise PipelineError(f"--compile {compile_mode} uses CUDA graphs; on {device.type} use --compile default or none")
     fused_opts = {"off": [False], "on": [True], "both": [False, True]}[args.fused]
     if any(not 0 < k <= 1 for k in args.kept):
         raise PipelineError(f"--kept shares must be in (0, 1]; got {args.kept}")
