@@ -105,31 +105,109 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(model, prompt, args, compile_mode, prefill_model=None, plan=None) -> dict:
-    device = prompt.device
+def _new_decoder(model, prompt, args, compile_mode):
+    return GreedyDecoder(model, prompt.shape[0], prompt.shape[1] + args.new_tokens, compile=compile_mode)
+
+
+def _one_run(entry, prompt, args) -> tuple:
+    t = {}
+    tokens = entry["decoder"].generate(prompt, args.new_tokens, prefill_model=entry["prefill_model"],
+                                       plan=entry["plan"], timings=t)
+    entry["first_tokens"] = tokens[0, :8].tolist()
+    return t["decode_s"], t["prefill_s"]
+
+
+def _summary(entry, runs, args, peak: int, peak_kind: str) -> dict:
+    steps = max(args.new_tokens - 1, 1)
+    decode = [d for d, _ in runs]
+    return {"ms_per_token": 1e3 * statistics.median(decode) / steps,
+            "ms_per_token_runs": [1e3 * d / steps for d in decode],
+            "prefill_ms": 1e3 * statistics.median([p for _, p in runs]),
+            "peak_mem_bytes": peak, "peak_mem_kind": peak_kind, "first_tokens": entry["first_tokens"]}
+
+
+def _reset_peak(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    decoder = GreedyDecoder(model, prompt.shape[0], prompt.shape[1] + args.new_tokens, compile=compile_mode)
-    decode, prefill = [], []
-    tokens = None
-    for run in range(args.warmup + args.repeats):
-        t = {}
-        tokens = decoder.generate(prompt, args.new_tokens, prefill_model=prefill_model, plan=plan, timings=t)
-        if run >= args.warmup:
-            decode.append(t["decode_s"])
-            prefill.append(t["prefill_s"])
-    steps = max(args.new_tokens - 1, 1)
-    out = {"ms_per_token": 1e3 * statistics.median(decode) / steps,
-           "ms_per_token_runs": [1e3 * d / steps for d in decode],
-           "prefill_ms": 1e3 * statistics.median(prefill),
-           "peak_mem_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss_bytes()),
-           "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS",
-           "first_tokens": tokens[0, :8].tolist()}
-    del decoder
-    if compile_mode is not None:
-        torch._dynamo.reset()          # drop this model's compiled graphs (and their CUDA graph pools)
-    return out
+
+
+def _peak(device, note: str = "") -> tuple:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated" + note
+    return rss_bytes(), "process RSS" + note
+
+
+def make_entry(dense, layout, share, fused, dense_bytes, device) -> dict:
+    """The model of one row: the dense model (share 1.0) or a sparse one built from it, maybe fused."""
+    entry = {"kept": share, "fused": fused, "prefill_model": None, "plan": None, "build_ms": 0.0,
+             "weight_bytes": dense_bytes["total"], "kept_heads": 1.0, "kept_neurons": 1.0, "path": "dense"}
+    if share == 1.0:
+        entry["model"] = fuse_projections(dense) if fused else dense
+        return entry
+    keep = balanced_keep(layout, share, SEED)
+    _reset_peak(device)
+    start = time.perf_counter()
+    sparse, plan = sparse_model(dense, keep)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    shares = kept_share(plan)
+    entry.update(path="sparse", prefill_model=dense, plan=plan, build_ms=1e3 * (time.perf_counter() - start),
+                 weight_bytes=weight_bytes(sparse)["total"], kept_heads=shares["heads"],
+                 kept_neurons=shares["neurons"], model=fuse_projections(sparse) if fused else sparse)
+    return entry
+
+
+def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes) -> list:
+    """Rows of one batch size and path: every kept share (1.0 = the dense model).  Sequential: one
+    model at a time, all its runs (per-row peak memory).  Interleaved: every round runs each model
+    once, so drifting load on a shared machine hits all rows alike (peak memory: all models at once)."""
+    device = prompt.device
+    shares = sorted(set(args.kept) | {1.0}, reverse=True)
+    results = {}
+    if not args.interleave:
+        for share in shares:
+            entry = make_entry(dense, layout, share, fused, dense_bytes, device)
+            _reset_peak(device)
+            entry["decoder"] = _new_decoder(entry["model"], prompt, args, compile_mode)
+            runs = [_one_run(entry, prompt, args) for _ in range(args.warmup + args.repeats)][args.warmup:]
+            results[share] = (entry, _summary(entry, runs, args, *_peak(device)))
+            entry["decoder"] = entry["model"] = None
+            if compile_mode is not None:
+                torch._dynamo.reset()      # drop this model's compiled graphs (and their CUDA graph pools)
+    else:
+        entries = [make_entry(dense, layout, share, fused, dense_bytes, device) for share in shares]
+        _reset_peak(device)
+        for entry in entries:
+            entry["decoder"] = _new_decoder(entry["model"], prompt, args, compile_mode)
+            for _ in range(args.warmup):
+                _one_run(entry, prompt, args)
+        runs = {e["kept"]: [] for e in entries}
+        for _ in range(args.repeats):
+            for entry in entries:
+                runs[entry["kept"]].append(_one_run(entry, prompt, args))
+        peak = _peak(device, " (all rows' models resident)")
+        for entry in entries:
+            results[entry["kept"]] = (entry, _summary(entry, runs[entry["kept"]], args, *peak))
+        del entries
+        if compile_mode is not None:
+            torch._dynamo.reset()
+    base = results[1.0][1]["ms_per_token"]
+    rows = []
+    for share in shares:
+        if share not in args.kept:
+            continue
+        entry, summary = results[share]
+        row = {"batch": prompt.shape[0], "fused": fused, "compile": compile_mode or "eager", "kept": share,
+               "path": entry["path"], **summary, "build_ms": entry["build_ms"],
+               "weight_bytes": entry["weight_bytes"], "kept_heads": entry["kept_heads"],
+               "kept_neurons": entry["kept_neurons"]}
+        row["speedup"] = base / row["ms_per_token"]
+        row["ideal_speedup"] = dense_bytes["total"] / row["weight_bytes"]
+        rows.append(row)
+        print(f"  batch {row['batch']} fused={fused} kept {share}: {row['ms_per_token']:.2f} ms/token "
+              f"({row['speedup']:.2f}x, ideal {row['ideal_speedup']:.2f}x)", flush=True)
+    return rows
 
 
 def run(args) -> dict:
@@ -154,41 +232,13 @@ def run(args) -> dict:
         prompt = torch.randint(0, vocab, (batch, args.prompt_len),
                                generator=torch.Generator().manual_seed(SEED)).to(device)
         for fused in fused_opts:
-            base_model = fuse_projections(dense) if fused else dense
-            base = measure(base_model, prompt, args, compile_mode)
-            del base_model
-            for share in args.kept:
-                row = {"batch": batch, "fused": fused, "compile": compile_mode or "eager", "kept": share}
-                if share == 1.0:
-                    row.update(path="dense", **base, build_ms=0.0, weight_bytes=dense_bytes["total"],
-                               kept_heads=1.0, kept_neurons=1.0)
-                else:
-                    keep = balanced_keep(layout, share, SEED)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                    sparse, plan = sparse_model(dense, keep)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    build_ms = 1e3 * (time.perf_counter() - start)
-                    shares = kept_share(plan)
-                    sparse_bytes = weight_bytes(sparse)["total"]
-                    model = fuse_projections(sparse) if fused else sparse
-                    del sparse
-                    result = measure(model, prompt, args, compile_mode, prefill_model=dense, plan=plan)
-                    del model
-                    row.update(path="sparse", **result, build_ms=build_ms, weight_bytes=sparse_bytes,
-                               kept_heads=shares["heads"], kept_neurons=shares["neurons"])
-                row["speedup"] = base["ms_per_token"] / row["ms_per_token"]
-                row["ideal_speedup"] = dense_bytes["total"] / row["weight_bytes"]
-                rows.append(row)
-                print(f"  batch {batch} fused={fused} kept {share}: {row['ms_per_token']:.2f} ms/token "
-                      f"({row['speedup']:.2f}x, ideal {row['ideal_speedup']:.2f}x)", flush=True)
+            rows += measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes)
     return {"settings": {"model": args.model, "device": str(device),
                          "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                          else platform.processor() or platform.machine()),
                          "dtype": str(dtype).replace("torch.", ""), "prompt_len": args.prompt_len,
                          "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
+                         "interleave": args.interleave,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__},
             "dense_weight_bytes": dense_bytes, "rows": rows}
@@ -227,6 +277,8 @@ def parse_args(argv=None):
                    help="one matrix for q/k/v and one for gate/up (--fused alone: on; both: rows for each)")
     p.add_argument("--warmup", type=int, default=WARMUP)
     p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--interleave", action="store_true",
+                   help="run the rows round-robin (one run of each per round): fairer on a shared, noisy machine")
     p.add_argument("--json", default=None, help="write the rows and settings here")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or args.warmup < 0:
