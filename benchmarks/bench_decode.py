@@ -217,7 +217,8 @@ def run(args) -> dict:
         compile_mode = "reduce-overhead" if device.type == "cuda" else "none"
     compile_mode = None if compile_mode == "none" else compile_mode
     if compile_mode in ("reduce-overhead", "max-autotune") and device.type != "cuda":
-        raise PipelineError(f"--compile {compile_mode} uses CUDA graphs; on {device.type} use --compile default or none")
+        raise PipelineError(f"--compile {compile_mode} uses CUDA graphs; on {device.type} use --compile "
+                            "default or none")
     fused_opts = {"off": [False], "on": [True], "both": [False, True]}[args.fused]
     if any(not 0 < k <= 1 for k in args.kept):
         raise PipelineError(f"--kept shares must be in (0, 1]; got {args.kept}")
@@ -254,7 +255,8 @@ def markdown(result: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         lines.append(f"| {r['batch']} | {'yes' if r['fused'] else 'no'} | {r['compile']} | {r['kept']:.1f} | "
-                     f"{r['kept_heads']:.2f} / {r['kept_neurons']:.2f} | {r['path']} | {r['ms_per_token']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                     f"{r['kept_heads']:.2f} / {r['kept_neurons']:.2f} | {r['path']} | {r['ms_per_token']:.2f} | "
+                     f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
                      f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['build_ms']:.0f} |")
     lines.append("")
     lines.append(f"peak MB: {result['rows'][0]['peak_mem_kind']}; build ms: the sparse model's gather "

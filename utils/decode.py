@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import PipelineError
 from .kv_cache import cache_argument_name
-from .sparse_model import SparsePlan, _linear, decoder_layers, shallow_clone, sparse_cache
+from .sparse_model import SparsePlan, decoder_layers, make_linear, shallow_clone, sparse_cache
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -43,7 +43,7 @@ class _FusedLinear(nn.Module):
             bias = torch.cat([lin.bias if lin.bias is not None else
                               torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
                               for lin in linears])
-        self.proj = _linear(weight, bias)
+        self.proj = make_linear(weight, bias)
         self.sizes = [lin.out_features for lin in linears]
         self._pending = None
 

@@ -129,7 +129,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise PipelineError(f"found no list of {n} decoder layers in {type(model).__name__}")
 
 
-def _linear(weight: torch.Tensor, bias) -> nn.Linear:
+def make_linear(weight: torch.Tensor, bias) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight`` (and ``bias``: a tensor, or an existing Parameter to share)."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(weight, requires_grad=False)
@@ -141,14 +141,14 @@ def _linear(weight: torch.Tensor, bias) -> nn.Linear:
 def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
     idx = idx.to(lin.weight.device)
     bias = None if lin.bias is None else lin.bias.index_select(0, idx)
-    return _linear(lin.weight.index_select(0, idx), bias)
+    return make_linear(lin.weight.index_select(0, idx), bias)
 
 
 def _cols(lin: nn.Linear, idx: torch.Tensor, live: torch.Tensor) -> nn.Linear:
     weight = lin.weight.index_select(1, idx.to(lin.weight.device))
     if not bool(live.all()):
         weight[:, ~live.to(weight.device)] = 0      # padding / placeholder units add exactly nothing
-    return _linear(weight, lin.bias)                # the output bias is unchanged: shared
+    return make_linear(weight, lin.bias)                # the output bias is unchanged: shared
 
 
 def _head_index(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
