@@ -34,8 +34,10 @@ def fails(script: str, *args) -> str:
 
 
 def snapshot(root: Path) -> dict:
-    """Every file under ``root`` with its bytes (to prove a refused command changed nothing)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under ``root`` with its bytes (to prove a refused command changed nothing); the folder
+    lock ``.lock`` (it names whoever holds it) is not a result."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def files_under(root: Path) -> list:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distributed import shard_device
+from .distributed import lock_result_dir, shard_device
 from .errors import PipelineError
 from .models import load_model_and_tokenizer, resolve_device, resolve_dtype
 from .paths import ResultPaths, default_result_dir
@@ -65,7 +65,15 @@ class Run:
 
 
 def open_run(args) -> Run:
+    """The run in ``--result_dir``, after checking every shared flag; takes the folder's lock (the later
+    steps write into it) before reading the labels, so they cannot change underneath."""
     paths = result_paths(args)
+    device = resolve_device(args.device)
+    if args.dtype is not None:
+        resolve_dtype(args.dtype)
+    if not paths.labels.is_file():
+        load_labels(paths.labels)   # says to run label_generation.py first; nothing is created
+    lock_result_dir(paths.root)
     labels = load_labels(paths.labels)
     dataset = None if isinstance(args.dataset, _ScriptDefault) else args.dataset  # only a given flag must agree
     check_requested({"model": args.model_name, "dataset": dataset, "prompt_format": args.prompt_format,
@@ -78,7 +86,7 @@ def open_run(args) -> Run:
                             f"label_generation.py --num_data {num_data}")
     settings = labels.settings
     seed_everything(settings["seed"])
-    model, tokenizer = load_model_and_tokenizer(settings["model"], shard_device(resolve_device(args.device)),
+    model, tokenizer = load_model_and_tokenizer(settings["model"], shard_device(device),
                                                 resolve_dtype(settings["dtype"]))
     return Run(paths=paths, labels=labels, model=model, tokenizer=tokenizer, layout=locate_units(model),
                num_data=num_data)
