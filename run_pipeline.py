@@ -16,6 +16,7 @@ import label_generation
 import Mag_attention
 import Mag_mlp
 import main as sweep_main
+from utils.cli import Parser
 from utils.data import load_samples, samples_fingerprint
 from utils.distributed import current_shard, lock_result_dir
 from utils.errors import PipelineError, cli_entry
@@ -41,7 +42,7 @@ OFFLINE = {"model_name": OFFLINE_MODEL, "dataset": "truthfulqa-offline", "num_da
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--offline", action="store_true", help=f"preset: {OFFLINE}")
     p.add_argument("--model_name", default=MODEL_NAME)
     p.add_argument("--dataset", default=DATASET)

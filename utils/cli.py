@@ -22,11 +22,18 @@ class _ScriptDefault(str):
     """A --dataset value argparse filled in from the script's constant (the user gave no flag)."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a PipelineError: one line ``error: ...`` and exit 2, like every other
+    bad input (argparse would print the usage block as well)."""
+
+    def error(self, message):
+        raise PipelineError(f"{message} (see {self.prog} --help)")
+
+
 def common_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     """``defaults`` come from the script's constants.  In the steps after label_generation, a setting
     left at None is taken from ``labels.json``; a setting given must agree with it."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name", default=defaults.get("model_name"),
                    help="hub id, local folder, .gguf file, or smollm2-135m-instruct (offline default)")
     dataset = defaults.get("dataset")

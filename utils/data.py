@@ -59,6 +59,8 @@ def _rows_to_samples(rows: list[dict], source: str) -> list[Sample]:
     samples = []
     for idx, row in enumerate(rows):
         where = f"{source}, row {idx}"
+        if not isinstance(row, dict):
+            raise PipelineError(f"{where} is not an object with 'question' and 'best_answer' fields")
         question = row.get("question")
         if not isinstance(question, str) or not question.strip():
             raise PipelineError(f"{where} has no 'question' text; every row needs a 'question' column")

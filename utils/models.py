@@ -109,8 +109,9 @@ def _load(name: str, device, dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001  (a damaged file raises many types: OSError, ValueError, KeyError, ...)
         where = "local folder" if Path(source).exists() else "Hugging Face hub id"
+        first_line = (str(err).splitlines() or [""])[0]
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         if where == "local folder":
             hint = "Check that the folder holds a transformers model (config.json, weights, tokenizer), or "
@@ -119,7 +120,7 @@ def _load(name: str, device, dtype):
         else:
             hint = "Check the name and your network, or "
         raise PipelineError(
-            f"could not load model {name!r} as a {where} ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            f"could not load model {name!r} as a {where} ({type(err).__name__}: {first_line}). "
             + hint + f"use the offline default: --model_name {OFFLINE_MODEL}") from None
     model.to(device).eval()
     model.requires_grad_(False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .data import Sample, samples_fingerprint
 from .errors import PipelineError
 from .io import DAMAGED, note, read_json, write_json, write_torch
 from .models import resolve_dtype
@@ -151,8 +152,14 @@ def labels_done(path: Path, requested: dict) -> bool:
     if not path.is_file():
         return False
     try:
-        have = load_labels(path).settings
-    except PipelineError:
+        labels = load_labels(path)
+        have = labels.settings
+        if "samples_sha256" not in have:
+            # labels made before the fingerprint was recorded: it is computed from the samples they hold
+            refs = read_json(path)["references"]
+            have = dict(have, samples_sha256=samples_fingerprint(
+                [Sample(i, q, r) for i, q, r in zip(labels.sample_ids, labels.questions, refs)]))
+    except (PipelineError, KeyError, TypeError):
         return False
     return first_mismatch(requested, have) is None
 
@@ -169,7 +176,7 @@ def scores_done(path: Path, run_id: str, num_samples: int, n_steps: int | None =
         if not (meta.get("run_id") == run_id and meta.get("num_samples") == num_samples
                 and (n_steps is None or meta.get("n_steps") == n_steps)):
             return False
-        tensors = torch.load(path, weights_only=True)
+        tensors = torch.load(path, weights_only=True, mmap=True)   # mmap: a large file is not copied
     except (*DAMAGED, AttributeError):
         return False
     return (isinstance(tensors, list) and len(tensors) == num_samples

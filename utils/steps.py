@@ -86,7 +86,7 @@ def _announce_replacement(paths: ResultPaths, settings: dict) -> None:
         note(f"{paths.labels} is damaged; it will be replaced")
         return
     changed = [k for k in ("model", "dataset", "num_data", "samples_sha256", "prompt_format", "dtype", "seed")
-               if old_settings.get(k) != settings[k]]
+               if old_settings.get(k, settings[k] if k == "samples_sha256" else None) != settings[k]]
     if "num_data" in changed and "samples_sha256" in changed:
         changed.remove("samples_sha256")   # other samples, of course
     if changed:
