@@ -62,6 +62,8 @@ def parse(argv=None):
         for key, value in OFFLINE.items():   # the preset fills what was not given explicitly
             if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
+                if key == "ig_num_data" and args.num_data < value:   # e.g. --offline --num_data 2
+                    args.ig_num_data = max(args.num_data, 1)
     return args
 
 
