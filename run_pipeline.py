@@ -16,11 +16,15 @@ import label_generation
 import Mag_attention
 import Mag_mlp
 import main as sweep_main
-from utils.distributed import current_shard
-from utils.models import OFFLINE_MODEL
+from utils.cli import Parser
+from utils.data import load_samples, samples_fingerprint
+from utils.distributed import current_shard, lock_result_dir
+from utils.errors import PipelineError, cli_entry
+from utils.models import OFFLINE_MODEL, resolve_device, resolve_dtype
 from utils.paths import ResultPaths, default_result_dir
 from utils.prompts import PROMPT_FORMATS
-from utils.provenance import labels_done, read_json, scores_done
+from utils.provenance import LabelSet, labels_done, load_labels, scores_done
+from utils.steps import validate_score_flags
 
 MODEL_NAME = "microsoft/phi-2"
 DATASET = "truthfulqa"
@@ -38,7 +42,7 @@ OFFLINE = {"model_name": OFFLINE_MODEL, "dataset": "truthfulqa-offline", "num_da
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--offline", action="store_true", help=f"preset: {OFFLINE}")
     p.add_argument("--model_name", default=MODEL_NAME)
     p.add_argument("--dataset", default=DATASET)
@@ -58,24 +62,46 @@ def parse(argv=None):
         for key, value in OFFLINE.items():   # the preset fills what was not given explicitly
             if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
+                if key == "ig_num_data" and args.num_data < value:   # e.g. --offline --num_data 2
+                    args.ig_num_data = max(args.num_data, 1)
     return args
 
 
-def done_check(args, paths: ResultPaths):
-    """Per step, a function telling whether its files are complete for this run (nothing is skipped with
-    --redo).  Score steps compare against the labels on disk, so new labels redo everything after them."""
+def validate(args) -> str:
+    """Every step's flags, checked before any step runs; returns the fingerprint of the samples the labels
+    must be made from (so an edited dataset file redoes the labels)."""
+    resolve_dtype(args.dtype)
+    resolve_device(args.device)
+    if args.num_data < 1:
+        raise PipelineError(f"--num_data must be at least 1 (got {args.num_data})")
+    if args.ig_num_data is not None and not 1 <= args.ig_num_data <= args.num_data:
+        raise PipelineError(f"--ig_num_data must be between 1 and --num_data {args.num_data} (got "
+                            f"{args.ig_num_data}); leave it out to run IG on every sample")
+    validate_score_flags(["gradient", "gxo"] if args.skip_ig else ["gradient", "gxo", "ig"],
+                         n_steps=args.n_steps, batch_size=args.batch_size, step_mode="auto")
+    return samples_fingerprint(load_samples(args.dataset, args.num_data))
+
+
+def done_check(args, paths: ResultPaths, fingerprint: str):
+    """Per step, a function telling whether its files are complete, readable and finite for this run
+    (nothing is skipped with --redo).  Score steps compare against the labels on disk, so new labels redo
+    everything after them; a damaged or non-finite file is recomputed."""
     if args.redo:
         return lambda name: False
 
     def scored(kinds, comps=("attention", "mlp"), num=None, n_steps=None):
         if not paths.labels.is_file():     # read when asked: the labels step may just have rewritten it
             return False
-        labels = read_json(paths.labels)
-        num = num or len(labels["labels"])
-        return all(scores_done(paths.score(k, c), labels["run_id"], num, n_steps) for k in kinds for c in comps)
+        try:
+            labels: LabelSet = load_labels(paths.labels)
+        except PipelineError:
+            return False
+        num = num or len(labels)
+        return all(scores_done(paths.score(k, c), labels.run_id, num, n_steps) for k in kinds for c in comps)
 
     requested = {"model": args.model_name, "dataset": args.dataset, "num_data": args.num_data,
-                 "dtype": args.dtype, "seed": label_generation.SEED, "prompt_format": args.prompt_format}
+                 "dtype": args.dtype, "seed": label_generation.SEED, "prompt_format": args.prompt_format,
+                 "samples_sha256": fingerprint}
     checks = {
         "labels": lambda: labels_done(paths.labels, requested),
         "head magnitudes": lambda: scored(["magnitude"], comps=("attention",)),
@@ -86,8 +112,12 @@ def done_check(args, paths: ResultPaths):
     return lambda name: name in checks and checks[name]()
 
 
+@cli_entry
 def main(argv=None):
     args = parse(argv)
+    fingerprint = validate(args)
+    paths = ResultPaths(args.result_dir or default_result_dir(args.dataset))
+    lock_result_dir(paths.root)   # held across every step (the steps take it again: re-entrant)
     where = ["--dataset", args.dataset, "--device", args.device]
     if args.result_dir:
         where += ["--result_dir", args.result_dir]
@@ -101,13 +131,13 @@ def main(argv=None):
                                                                 "--batch_size", str(args.batch_size)]),
     ]
     if not args.skip_ig:
-        ig_where = where + (["--num_data", str(args.ig_num_data)] if args.ig_num_data else [])
+        ig_where = where + (["--num_data", str(args.ig_num_data)] if args.ig_num_data is not None else [])
         steps.append(("integrated gradients", attribution_attention.main,
                       ig_where + ["--metric", "ig", "--n_steps", str(args.n_steps),
                                   "--batch_size", str(args.batch_size)]))
     steps.append(("sweep + figure", sweep_main.main, where + ["--metric_name", "all"]))
     say = print if current_shard().is_main else (lambda *a, **k: None)   # torchrun: the first process reports
-    done = done_check(args, ResultPaths(args.result_dir or default_result_dir(args.dataset)))
+    done = done_check(args, paths, fingerprint)
     start, took = time.time(), {}
     for i, (name, fn, step_argv) in enumerate(steps, 1):
         if done(name):

@@ -34,8 +34,10 @@ def fails(script: str, *args) -> str:
 
 
 def snapshot(root: Path) -> dict:
-    """Every file under ``root`` with its bytes (to prove a refused command changed nothing)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under ``root`` with its bytes (to prove a refused command changed nothing); the folder
+    lock ``.lock`` (it names whoever holds it) is not a result."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def files_under(root: Path) -> list:
@@ -206,10 +208,12 @@ def test_scores_from_other_labels(run_copy, scored):
     in_process("label_generation", "--model_name", scored.model_dir, "--num_data", 1, *where)
     new = json.loads((result / "labels.json").read_text())
     assert new["run_id"] != scored.labels["run_id"] and len(new["labels"]) == 1
+    # the old scores moved to previous_runs/ with the new labels (a copy put back by hand is refused:
+    # test_load_scores_errors), so the sweep asks for the step to rerun
     msg = fails("main.py", "--metric_name", "magnitude", *where)
     path = result / "magnitude" / "magnitude_attention_list.pt"
-    assert msg == (f"error: {path} was computed from other labels (run {scored.labels['run_id']}, {scored.model_dir}) "
-                   f"than {result / 'labels.json'} (run {new['run_id']}, {scored.model_dir}); rerun Mag_attention.py")
+    assert msg == f"error: missing {path}: run Mag_attention.py first"
+    assert (result / "previous_runs" / scored.labels["run_id"] / "magnitude" / path.name).is_file()
     assert not (result / "res" / "both" / "results.json").exists()
 
 
@@ -268,7 +272,8 @@ def test_load_labels_errors(tmp_path):
     assert raises(load_labels, path) == (f"no labels at {path}: run label_generation.py first "
                                          "(with the same --dataset / --result_dir)")
     path.write_text(json.dumps({"labels": ["a"]}))
-    assert raises(load_labels, path) == f"{path} is not a labels file of this pipeline; rerun label_generation.py"
+    assert raises(load_labels, path) == (f"{path} is damaged or not a labels file of this pipeline; rerun "
+                                         "label_generation.py")
 
 
 def test_load_scores_errors(run_copy, scored, tiny_model_dirs):
@@ -294,10 +299,15 @@ def test_load_scores_errors(run_copy, scored, tiny_model_dirs):
     assert raises(load_scores, path, labels, shape, "Mag_attention.py") == \
         f"{path} has no provenance file (magnitude_attention_list.meta.json); rerun Mag_attention.py"
 
-    # labels from another model folder: the MLP scores (still with their meta) no longer belong to them
+    # labels from another model folder: the MLP scores (with their meta) no longer belong to them; the new
+    # labels move them to previous_runs/, and a copy put back by hand is still refused
     in_process("label_generation", "--model_name", tiny_model_dirs["phi"], "--num_data", 2, *where)
     phi_labels = load_labels(result / "labels.json")
     mlp = result / "magnitude" / "magnitude_mlp_list.pt"
+    assert not mlp.exists() and not meta_path(mlp).exists()
+    moved = result / "previous_runs" / scored.labels["run_id"] / "magnitude"
+    shutil.copy(moved / mlp.name, mlp)
+    shutil.copy(moved / meta_path(mlp).name, meta_path(mlp))
     msg = raises(load_scores, mlp, phi_labels, lambda T: (T, 2, 48), "Mag_mlp.py")
     assert msg == (f"{mlp} was computed from other labels (run {scored.labels['run_id']}, {tiny_model_dirs['llama']}) "
                    f"than {phi_labels.path} (run {phi_labels.run_id}, {tiny_model_dirs['phi']}); rerun Mag_mlp.py")

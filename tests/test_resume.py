@@ -109,3 +109,26 @@ def test_run_pipeline_skips_the_steps_it_finished(tmp_path, tiny_model_dirs):
     changed = {name for name, t in stamps().items() if t != first[name]}
     assert changed == {"ig_attention_list.pt", "ig_mlp_list.pt"}
     assert pipeline("--n_steps", "3", "--redo") == set()
+
+    # a damaged file and non-finite scores are not complete: exactly their steps run again
+    r = tmp_path / "r"
+    mlp = r / "magnitude" / "magnitude_mlp_list.pt"
+    tensors = torch.load(mlp)
+    tensors[0][0, 0, 0] = float("nan")
+    torch.save(tensors, mlp)
+    gxo = r / "ig" / "gxo_attention_list.pt"
+    gxo.write_bytes(gxo.read_bytes()[:100])
+    assert pipeline("--n_steps", "3") == all_steps - {"neuron magnitudes", "gradient + gxo"}
+    assert all(torch.isfinite(t).all() for t in torch.load(mlp)) and len(torch.load(gxo)) == 3
+
+    # the dataset file edited in place: new labels, and the old run's files move out of the way
+    old_id = json.loads((r / "labels.json").read_text())["run_id"]
+    old_files = sorted(p.relative_to(r) for p in r.rglob("*") if p.is_file() and p.name != ".lock"
+                       and p.name != "labels.json")
+    data.write_text("\n".join(json.dumps({"question": q + " Explain.", "best_answer": a}) for q, a in QUESTIONS[:3]))
+    assert pipeline("--n_steps", "3") == set()
+    labels = json.loads((r / "labels.json").read_text())
+    assert labels["run_id"] != old_id and all(q.endswith(" Explain.") for q in labels["questions"])
+    assert sorted(p.relative_to(r / "previous_runs" / old_id)
+                  for p in (r / "previous_runs" / old_id).rglob("*") if p.is_file()) == old_files
+    assert pipeline("--n_steps", "3") == all_steps

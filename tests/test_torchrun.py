@@ -94,3 +94,28 @@ def test_run_pipeline_under_torchrun_equals_one_process(tiny_model_dirs, tmp_pat
     for path in (tmp_path / "single").rglob("*.pt"):
         for a, b in zip(torch.load(path), torch.load(tmp_path / "sharded" / path.relative_to(tmp_path / "single"))):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_second_job_on_a_locked_folder_is_refused_by_every_process(two_runs, tmp_path):
+    """The processes of one job share the folder (the first holds the lock); another job is refused."""
+    import shutil
+    import signal
+
+    folder = tmp_path / "run"
+    shutil.copytree(two_runs[0], folder)
+    (folder / "magnitude" / "magnitude_mlp_list.pt").unlink()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.');"
+                               f"from utils.io import lock_folder; lock_folder({str(folder)!r}); print('locked', "
+                               "flush=True); time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        proc = subprocess.run([*torchrun, "Mag_mlp.py", "--result_dir", str(folder), "--device", "cpu"], cwd=ROOT,
+                              env=ENV, capture_output=True, text=True, timeout=600)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert proc.returncode != 0
+    refusal = f"error: result folder {folder} is in use by pid {holder.pid} on "
+    assert proc.stderr.count(refusal) == 2, proc.stderr[-3000:]      # both processes, the same line
+    assert not (folder / "magnitude" / "magnitude_mlp_list.pt").exists()

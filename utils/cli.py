@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distributed import shard_device
+from .distributed import lock_result_dir, shard_device
 from .errors import PipelineError
 from .models import load_model_and_tokenizer, resolve_device, resolve_dtype
 from .paths import ResultPaths, default_result_dir
@@ -22,11 +22,18 @@ class _ScriptDefault(str):
     """A --dataset value argparse filled in from the script's constant (the user gave no flag)."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a PipelineError: one line ``error: ...`` and exit 2, like every other
+    bad input (argparse would print the usage block as well)."""
+
+    def error(self, message):
+        raise PipelineError(f"{message} (see {self.prog} --help)")
+
+
 def common_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     """``defaults`` come from the script's constants.  In the steps after label_generation, a setting
     left at None is taken from ``labels.json``; a setting given must agree with it."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name", default=defaults.get("model_name"),
                    help="hub id, local folder, .gguf file, or smollm2-135m-instruct (offline default)")
     dataset = defaults.get("dataset")
@@ -65,7 +72,15 @@ class Run:
 
 
 def open_run(args) -> Run:
+    """The run in ``--result_dir``, after checking every shared flag; takes the folder's lock (the later
+    steps write into it) before reading the labels, so they cannot change underneath."""
     paths = result_paths(args)
+    device = resolve_device(args.device)
+    if args.dtype is not None:
+        resolve_dtype(args.dtype)
+    if not paths.labels.is_file():
+        load_labels(paths.labels)   # says to run label_generation.py first; nothing is created
+    lock_result_dir(paths.root)
     labels = load_labels(paths.labels)
     dataset = None if isinstance(args.dataset, _ScriptDefault) else args.dataset  # only a given flag must agree
     check_requested({"model": args.model_name, "dataset": dataset, "prompt_format": args.prompt_format,
@@ -78,7 +93,7 @@ def open_run(args) -> Run:
                             f"label_generation.py --num_data {num_data}")
     settings = labels.settings
     seed_everything(settings["seed"])
-    model, tokenizer = load_model_and_tokenizer(settings["model"], shard_device(resolve_device(args.device)),
+    model, tokenizer = load_model_and_tokenizer(settings["model"], shard_device(device),
                                                 resolve_dtype(settings["dtype"]))
     return Run(paths=paths, labels=labels, model=model, tokenizer=tokenizer, layout=locate_units(model),
                num_data=num_data)

@@ -4,6 +4,7 @@ correct answers."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.metadata
 import json
 from dataclasses import dataclass
@@ -23,6 +24,13 @@ class Sample:
     id: str
     question: str
     reference: str  # best answer, else the first correct answer: its token length bounds the label
+
+
+def samples_fingerprint(samples: list[Sample]) -> str:
+    """A hash of the samples' content (id, question, reference), not of the file's path or name: an
+    edited dataset file gives another fingerprint, the same rows in another file the same one."""
+    blob = json.dumps([[s.id, s.question, s.reference] for s in samples], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def dataset_short_name(dataset: str) -> str:
@@ -51,6 +59,8 @@ def _rows_to_samples(rows: list[dict], source: str) -> list[Sample]:
     samples = []
     for idx, row in enumerate(rows):
         where = f"{source}, row {idx}"
+        if not isinstance(row, dict):
+            raise PipelineError(f"{where} is not an object with 'question' and 'best_answer' fields")
         question = row.get("question")
         if not isinstance(question, str) or not question.strip():
             raise PipelineError(f"{where} has no 'question' text; every row needs a 'question' column")
@@ -119,6 +129,9 @@ def load_samples(dataset: str, num_data: int | None = None) -> list[Sample]:
             raise PipelineError(f"unknown dataset {dataset!r}: use {HUB_TRUTHFULQA}, {OFFLINE_TRUTHFULQA}, "
                                 "or the path of a .json/.jsonl/.csv file")
         rows, source = _read_local(path), str(path)
+    if not rows:
+        raise PipelineError(f"{source} holds no samples; add rows with a 'question' and a 'best_answer' "
+                            "(or a list of answers), or choose another --dataset")
     if num_data is not None:
         if num_data < 1:
             raise PipelineError(f"--num_data must be at least 1 (got {num_data})")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .io import SampleCheckpoint
+from .errors import PipelineError
+from .io import SampleCheckpoint, lock_folder
 
 # ranks that finish their shard early wait at a barrier for the slowest: allow a long step
 _BARRIER_TIMEOUT = datetime.timedelta(hours=48)
@@ -60,6 +61,25 @@ def shard_device(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     return device
+
+
+def lock_result_dir(root) -> None:
+    """Take the result folder's lock (utils/io.lock_folder) for this job: under torchrun only the first
+    process holds it (every process of one job writes into the folder), and if it is refused, every
+    process of the job stops with the same message."""
+    shard = current_shard()
+    if shard.world == 1:
+        lock_folder(root)
+        return
+    box = [None]
+    if shard.is_main:
+        try:
+            lock_folder(root)
+        except PipelineError as err:
+            box = [str(err)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise PipelineError(box[0])
 
 
 def open_checkpoint(final_path, key: str) -> SampleCheckpoint:

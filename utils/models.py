@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -21,11 +22,21 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+    """auto, cpu, cuda or cuda:N; anything else is refused with the choices (checked before any work)."""
+    text = str(device).strip().lower()
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    if text.startswith("mps"):
+        raise PipelineError(f"--device {device}: Apple GPUs (mps) are not supported by this pipeline; "
+                            "use --device cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise PipelineError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+    dev = torch.device(text)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"--device {device} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PipelineError(f"--device {device}, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); pick one of those")
     return dev
 
 
@@ -98,8 +109,9 @@ def _load(name: str, device, dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001  (a damaged file raises many types: OSError, ValueError, KeyError, ...)
         where = "local folder" if Path(source).exists() else "Hugging Face hub id"
+        first_line = (str(err).splitlines() or [""])[0]
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         if where == "local folder":
             hint = "Check that the folder holds a transformers model (config.json, weights, tokenizer), or "
@@ -108,13 +120,44 @@ def _load(name: str, device, dtype):
         else:
             hint = "Check the name and your network, or "
         raise PipelineError(
-            f"could not load model {name!r} as a {where} ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            f"could not load model {name!r} as a {where} ({type(err).__name__}: {first_line}). "
             + hint + f"use the offline default: --model_name {OFFLINE_MODEL}") from None
     model.to(device).eval()
     model.requires_grad_(False)
+    _check_causal(name, model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_causal(name: str, model) -> None:
+    """Refuse a model whose positions see later tokens (an encoder such as BERT loads as a "causal LM" in
+    transformers but is bidirectional unless configured as a decoder): its greedy labels would be
+    garbage.  Test it directly: changing the last token must not change any earlier position's logits."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        causal = False
+    else:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        device = next(model.parameters()).device
+        ids = torch.tensor([[1, 2, 3, 4, 5]], device=device) % vocab
+        changed = ids.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % vocab
+        try:
+            with torch.no_grad():
+                a = model(input_ids=ids).logits[0, :-1].float()
+                b = model(input_ids=changed).logits[0, :-1].float()
+        except Exception as err:  # any architecture-specific failure means it cannot run this pipeline
+            raise PipelineError(f"model {name!r} ({type(model).__name__}) cannot run a forward pass on token ids "
+                                f"({type(err).__name__}); use a decoder-only causal LM, e.g. "
+                                f"--model_name {OFFLINE_MODEL}") from None
+        # a causal model computes the earlier positions identically (up to kernel rounding); an encoder's
+        # change, even a random tiny one's, is far above that
+        tol = 1e-5 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 2e-3
+        causal = (a - b).abs().max().item() <= tol * (1.0 + a.abs().max().item())
+    if not causal:
+        raise PipelineError(f"model {name!r} ({type(model).__name__}) is not a causal (left-to-right) language "
+                            "model: its outputs depend on later tokens; use a decoder-only model, e.g. "
+                            f"--model_name {OFFLINE_MODEL}")
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .data import Sample, samples_fingerprint
 from .errors import PipelineError
-from .io import read_json, write_json, write_torch
+from .io import DAMAGED, note, read_json, write_json, write_torch
 from .models import resolve_dtype
 
 PROVENANCE_KEYS = ("model", "dataset", "prompt_format", "dtype", "seed")
@@ -49,11 +51,17 @@ def load_labels(path: Path) -> LabelSet:
                             "(with the same --dataset / --result_dir)")
     try:
         data = read_json(path)
-        return LabelSet(path=path, settings=data["settings"], run_id=data["run_id"], texts=data["labels"],
-                        label_ids=data["label_token_ids"], prompt_ids=data["prompt_token_ids"],
-                        sample_ids=data["sample_ids"], questions=data["questions"])
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise PipelineError(f"{path} is not a labels file of this pipeline; rerun label_generation.py") from None
+        labels = LabelSet(path=path, settings=data["settings"], run_id=data["run_id"], texts=data["labels"],
+                          label_ids=data["label_token_ids"], prompt_ids=data["prompt_token_ids"],
+                          sample_ids=data["sample_ids"], questions=data["questions"])
+        sizes = {len(x) for x in (labels.texts, labels.label_ids, labels.prompt_ids, labels.sample_ids,
+                                  labels.questions)}
+        if len(sizes) != 1 or not isinstance(labels.settings, dict) or "model" not in labels.settings:
+            raise TypeError
+        return labels
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError):
+        raise PipelineError(f"{path} is damaged or not a labels file of this pipeline; rerun "
+                            "label_generation.py") from None
 
 
 def dtype_name(dtype: str) -> str:
@@ -110,13 +118,21 @@ def load_scores(path: Path, labels: LabelSet, expected_shape, producer: str) -> 
     meta_file = meta_path(path)
     if not meta_file.is_file():
         raise PipelineError(f"{path} has no provenance file ({meta_file.name}); rerun {producer}")
-    meta = read_json(meta_file)
+    try:
+        meta = read_json(meta_file)
+        meta.get("run_id")
+    except (*DAMAGED, AttributeError):
+        raise PipelineError(f"{meta_file} is damaged (cannot be read); rerun {producer}") from None
     if meta.get("run_id") != labels.run_id:
         raise PipelineError(f"{path} was computed from other labels (run {meta.get('run_id')}, "
                             f"{meta.get('settings', {}).get('model')}) than {labels.path} (run {labels.run_id}, "
                             f"{labels.settings['model']}); rerun {producer}")
-    tensors = torch.load(path, weights_only=True)
-    if not isinstance(tensors, list) or len(tensors) > len(labels):
+    try:
+        tensors = torch.load(path, weights_only=True)
+    except DAMAGED as err:
+        raise PipelineError(f"{path} is damaged (cannot be read: {type(err).__name__}); rerun {producer}") from None
+    if not isinstance(tensors, list) or len(tensors) > len(labels) or \
+            not all(isinstance(t, torch.Tensor) for t in tensors):
         raise PipelineError(f"{path} does not hold one tensor per labelled sample; rerun {producer}")
     for i, t in enumerate(tensors):
         want = tuple(expected_shape(len(labels.label_ids[i])))
@@ -131,23 +147,103 @@ def load_scores(path: Path, labels: LabelSet, expected_shape, producer: str) -> 
 
 # -- is a step already done? (run_pipeline.py skips finished steps when run again) ------------------------
 def labels_done(path: Path, requested: dict) -> bool:
-    """``labels.json`` is complete and was made with ``requested`` (model, dataset, num_data, dtype, seed,
-    prompt_format; a prompt_format of auto matches whatever it resolved to)."""
+    """``labels.json`` is complete, readable, and was made with ``requested`` (model, dataset, num_data,
+    dtype, seed, prompt_format, samples_sha256; a prompt_format of auto matches whatever it resolved to)."""
     if not path.is_file():
         return False
     try:
-        have = read_json(path)["settings"]
-    except (KeyError, TypeError, json.JSONDecodeError):
+        labels = load_labels(path)
+        have = labels.settings
+        if "samples_sha256" not in have:
+            # labels made before the fingerprint was recorded: it is computed from the samples they hold
+            refs = read_json(path)["references"]
+            have = dict(have, samples_sha256=samples_fingerprint(
+                [Sample(i, q, r) for i, q, r in zip(labels.sample_ids, labels.questions, refs)]))
+    except (PipelineError, KeyError, TypeError):
         return False
     return first_mismatch(requested, have) is None
 
 
 def scores_done(path: Path, run_id: str, num_samples: int, n_steps: int | None = None) -> bool:
-    """``path`` (a score file) is complete, from the run ``run_id``, for ``num_samples`` samples (and, for
-    IG, ``n_steps`` steps)."""
+    """``path`` (a score file) is complete, readable and finite, from the run ``run_id``, for ``num_samples``
+    samples (and, for IG, ``n_steps`` steps).  A damaged or non-finite file is not done: the pipeline
+    recomputes it."""
     meta_file = meta_path(path)
     if not (path.is_file() and meta_file.is_file()):
         return False
-    meta = read_json(meta_file)
-    return (meta.get("run_id") == run_id and meta.get("num_samples") == num_samples
-            and (n_steps is None or meta.get("n_steps") == n_steps))
+    try:
+        meta = read_json(meta_file)
+        if not (meta.get("run_id") == run_id and meta.get("num_samples") == num_samples
+                and (n_steps is None or meta.get("n_steps") == n_steps)):
+            return False
+        tensors = torch.load(path, weights_only=True, mmap=True)   # mmap: a large file is not copied
+    except (*DAMAGED, AttributeError):
+        return False
+    return (isinstance(tensors, list) and len(tensors) == num_samples
+            and all(isinstance(t, torch.Tensor) and bool(torch.isfinite(t).all()) for t in tensors))
+
+
+# -- new labels replace a run: its files must not stay beside the new ones --------------------------------
+PREVIOUS_RUNS = "previous_runs"
+
+
+def _file_run_id(path: Path):
+    """The labels run a result file was made from (None: unknown, e.g. no or damaged provenance)."""
+    try:
+        if path.suffix == ".pt":
+            return read_json(meta_path(path)).get("run_id")
+        data = read_json(path)
+        return (data.get("settings") or {}).get("labels_run_id")
+    except (*DAMAGED, AttributeError):
+        return None
+
+
+def retire_previous_run(paths, run_id: str) -> list[Path]:
+    """Move every score and sweep file under ``paths`` that does not belong to the labels run ``run_id``
+    into ``previous_runs/<their run_id>/`` (same sub-folders), drop other runs' saved samples, and say so
+    in one line.  Returns the moved files' new paths."""
+    root = paths.root
+    moves = []
+    for folder in (root / "magnitude", root / "ig"):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.glob("*_list.pt")):
+            owner = _file_run_id(f)
+            if owner != run_id:
+                moves += [(f, owner)] + ([(meta_path(f), owner)] if meta_path(f).is_file() else [])
+        for f in sorted(folder.glob("*.meta.json")):        # provenance whose scores are gone
+            if not f.with_name(f.name[:-len(".meta.json")] + ".pt").is_file():
+                moves.append((f, _file_run_id(f.with_name(f.name[:-len(".meta.json")] + ".pt"))))
+    if paths.res.is_dir():
+        # files that record their labels run (results.json, <metric>.json) are judged by it; the others
+        # (per_sample.json, results.csv, the figure) belong to whatever results.json belongs to
+        overall = _file_run_id(paths.res / "results.json") if (paths.res / "results.json").is_file() else None
+        for f in sorted(paths.res.iterdir()):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            own = _file_run_id(f) if f.suffix == ".json" and f.name != "per_sample.json" else None
+            owner = own or overall
+            if owner != run_id:
+                moves.append((f, owner))
+    moved = []
+    for f, owner in moves:
+        dst = root / PREVIOUS_RUNS / (owner or "unknown_run") / f.relative_to(root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        f.replace(dst)
+        moved.append(dst)
+    dropped = 0
+    for parts in [*root.glob("*/*.parts"), *root.glob("res/*/*.parts"), *root.glob("*.parts")]:
+        if parts.name == "labels.json.parts":
+            continue
+        try:
+            key = (parts / "key.txt").read_text()
+        except (OSError, UnicodeDecodeError):
+            key = ""
+        if run_id not in key:
+            shutil.rmtree(parts, ignore_errors=True)
+            dropped += 1
+    if moved or dropped:
+        dropped_text = f" and dropped {dropped} folder(s) of their saved samples" if dropped else ""
+        note(f"{paths.labels} now holds run {run_id}: moved {len(moved)} file(s) of earlier runs to "
+             f"{root / PREVIOUS_RUNS}/{dropped_text}")
+    return moved

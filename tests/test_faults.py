@@ -1,0 +1,349 @@
+"""Faults and bad inputs that used to end in a traceback or a silent wrong result: damaged files, damaged
+or foreign checkpoints, an edited dataset, replaced labels, bad devices and run_pipeline flags, a
+non-causal model, a full disk, a read-only folder, a result folder that is a file."""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QA_ROWS, write_qa_file
+from test_errors import ENV, ROOT, fails, files_under, in_process, run_copy, scored, snapshot  # noqa: F401
+from utils.errors import PipelineError
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def exits_2(capsys, module: str, *args) -> str:
+    """Run a script's ``main`` in this process; it must exit 2 with one ``error:`` line on stderr."""
+    with pytest.raises(SystemExit) as info:
+        in_process(module, *args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# -- damaged result files: one line naming the step to rerun ---------------------------------------------
+
+def test_truncated_score_file(run_copy):
+    result, where = run_copy
+    path = result / "magnitude" / "magnitude_mlp_list.pt"
+    truncate(path)
+    msg = fails("main.py", "--metric_name", "magnitude", *where)
+    assert msg.startswith(f"error: {path} is damaged (cannot be read: ")
+    assert msg.endswith("); rerun Mag_mlp.py")
+    assert not (result / "res" / "both" / "results.json").exists()
+
+
+def test_truncated_meta_file(run_copy):
+    from utils.provenance import meta_path
+
+    result, where = run_copy
+    path = result / "magnitude" / "magnitude_attention_list.pt"
+    truncate(meta_path(path))
+    msg = fails("main.py", "--metric_name", "magnitude", *where)
+    assert msg == f"error: {meta_path(path)} is damaged (cannot be read); rerun Mag_attention.py"
+
+
+def test_truncated_labels(run_copy, capsys):
+    result, where = run_copy
+    truncate(result / "labels.json")
+    msg = exits_2(capsys, "Mag_attention", *where)
+    assert msg == (f"error: {result / 'labels.json'} is damaged or not a labels file of this pipeline; "
+                   "rerun label_generation.py")
+
+
+def test_scores_done_rejects_damaged_and_non_finite(run_copy, scored):
+    """run_pipeline.py's done check: a damaged, non-finite, short or foreign file is not complete."""
+    from utils.provenance import meta_path, scores_done
+
+    result, _ = run_copy
+    run_id = scored.labels["run_id"]
+    att, mlp = (result / "magnitude" / f"magnitude_{c}_list.pt" for c in ("attention", "mlp"))
+    assert scores_done(att, run_id, 2) and scores_done(mlp, run_id, 2)
+    assert not scores_done(att, run_id, 1) and not scores_done(att, "another-run", 2)
+    tensors = torch.load(mlp, weights_only=True)
+    tensors[0][0, 0, 0] = float("nan")
+    torch.save(tensors, mlp)
+    assert not scores_done(mlp, run_id, 2)
+    truncate(att)
+    assert not scores_done(att, run_id, 2)
+    shutil.copy(result / "magnitude" / "magnitude_mlp_list.pt", att)
+    truncate(meta_path(att), 0.3)
+    assert not scores_done(att, run_id, 2)
+
+
+# -- per-sample checkpoints: adopted only with the same key, damaged ones recomputed ---------------------
+
+def test_checkpoint_parts_carry_their_key(tmp_path, capsys):
+    from utils.distributed import map_samples
+    from utils.io import SampleCheckpoint
+
+    final = tmp_path / "scores.pt"
+    values = {i: torch.randn(3, 2) for i in range(4)}
+    ckpt = SampleCheckpoint(final, "settings A")
+    for i in range(3):
+        ckpt.save(i, values[i])
+    # a part written by a process with other settings (the old race), and a truncated part
+    other = SampleCheckpoint(tmp_path / "other.pt", "settings B")
+    other.save(1, torch.full((3, 2), 7.0))
+    shutil.copy(other.dir / "000001.pt", ckpt.dir / "000001.pt")
+    truncate(ckpt.dir / "000002.pt")
+    capsys.readouterr()
+
+    computed = []
+    reopened = SampleCheckpoint(final, "settings A")
+
+    def compute(i):
+        computed.append(i)
+        return values[i]
+
+    out = map_samples(reopened, 4, compute)
+    assert computed == [1, 2, 3]
+    for i in range(4):
+        torch.testing.assert_close(out[i], values[i], rtol=0, atol=0)
+    err = capsys.readouterr().err
+    assert f"note: discarding saved sample 1 in {ckpt.dir} (made with other settings); recomputing it" in err
+    assert f"note: discarding saved sample 2 in {ckpt.dir} (damaged (" in err
+    # a folder whose key differs is dropped as a whole, with a note
+    SampleCheckpoint(final, "settings C")
+    assert f"discarding 4 saved sample(s) in {ckpt.dir} made with other settings" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt.dir.iterdir()) == ["key.txt"]
+
+
+def _interrupted_labels(monkeypatch, model_dir, data, result, stop_after):
+    """label_generation in this process, stopped (Ctrl-C) after ``stop_after`` samples are saved."""
+    import utils.steps
+
+    real, calls = utils.steps.dense_label, []
+
+    def flaky(*args, **kwargs):
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.steps, "dense_label", flaky)
+    with pytest.raises(SystemExit) as info:
+        in_process("label_generation", "--model_name", model_dir, "--dataset", data, "--num_data", 3,
+                   "--result_dir", result, "--device", "cpu")
+    monkeypatch.setattr(utils.steps, "dense_label", real)
+    assert info.value.code == 130
+    return result / "labels.json.parts"
+
+
+def test_damaged_label_part_is_recomputed(tmp_path, tiny_model_dirs, monkeypatch):
+    data = write_qa_file(tmp_path / "qa.jsonl")
+    straight = tmp_path / "straight"
+    in_process("label_generation", "--model_name", tiny_model_dirs["phi"], "--dataset", data, "--num_data", 3,
+               "--result_dir", straight, "--device", "cpu")
+    parts = _interrupted_labels(monkeypatch, tiny_model_dirs["phi"], data, tmp_path / "r", stop_after=2)
+    assert sorted(p.name for p in parts.glob("*.pt")) == ["000000.pt", "000001.pt"]
+    truncate(parts / "000000.pt")
+    proc = subprocess.run([sys.executable, "label_generation.py", "--model_name", str(tiny_model_dirs["phi"]),
+                           "--dataset", str(data), "--num_data", "3", "--result_dir", str(tmp_path / "r"),
+                           "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"note: discarding saved sample 0 in {parts} (damaged (" in proc.stderr
+    assert json.loads((tmp_path / "r" / "labels.json").read_text()) == \
+        json.loads((straight / "labels.json").read_text())
+    assert not parts.exists()
+
+
+def test_resumed_labels_never_mix_an_edited_dataset(tmp_path, tiny_model_dirs, monkeypatch, capsys):
+    data = write_qa_file(tmp_path / "qa.jsonl")
+    parts = _interrupted_labels(monkeypatch, tiny_model_dirs["llama"], data, tmp_path / "r", stop_after=2)
+    assert len(list(parts.glob("*.pt"))) == 2
+    edited = [dict(row, question=row["question"].replace("?", ", please?")) for row in QA_ROWS]
+    data.write_text("\n".join(json.dumps(r) for r in edited) + "\n")      # same path, new content
+    capsys.readouterr()
+    in_process("label_generation", "--model_name", tiny_model_dirs["llama"], "--dataset", data, "--num_data", 3,
+               "--result_dir", tmp_path / "r", "--device", "cpu")
+    assert f"discarding 2 saved sample(s) in {parts} made with other settings" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    in_process("label_generation", "--model_name", tiny_model_dirs["llama"], "--dataset", data, "--num_data", 3,
+               "--result_dir", fresh, "--device", "cpu")
+    resumed, straight = (json.loads((d / "labels.json").read_text()) for d in (tmp_path / "r", fresh))
+    assert resumed == straight
+    assert resumed["questions"] == [r["question"] for r in edited]
+
+
+def test_samples_fingerprint_is_content():
+    from utils.data import Sample, samples_fingerprint
+
+    a = [Sample("0", "Why?", "Because"), Sample("1", "How?", "So")]
+    assert samples_fingerprint(a) == samples_fingerprint([Sample(s.id, s.question, s.reference) for s in a])
+    assert samples_fingerprint(a) != samples_fingerprint([a[0], Sample("1", "How?", "Thus")])
+    assert samples_fingerprint(a) != samples_fingerprint([a[0], Sample("2", "How?", "So")])
+    assert samples_fingerprint(a) != samples_fingerprint(a[:1])
+
+
+# -- labels replaced by another run: the old run's files leave the folder, said in one line ---------------
+
+def test_new_labels_move_the_previous_runs_files(run_copy, scored, capsys):
+    result, where = run_copy
+    old_id = scored.labels["run_id"]
+    (result / "res" / "both").mkdir(parents=True, exist_ok=True)
+    (result / "res" / "both" / "results.json").write_text(json.dumps({"settings": {"labels_run_id": old_id}}))
+    (result / "res" / "both" / "tradeoff.png").write_bytes(b"png")
+    before = {p: p.read_bytes() for p in files_under(result)
+              if p.name != ".lock" and p.name != "labels.json"}
+    capsys.readouterr()
+    in_process("label_generation", "--model_name", scored.model_dir, "--num_data", 1, *where)
+    err = capsys.readouterr().err
+    new = json.loads((result / "labels.json").read_text())
+    assert len(new["labels"]) == 1 and new["run_id"] != old_id
+    assert (f"note: {result / 'labels.json'} (run {old_id}: {scored.model_dir}, 2 samples) will be replaced "
+            f"(num_data changed); its score and sweep files will move to {result / 'previous_runs' / old_id}/") in err
+    assert f"{result / 'labels.json'} now holds run {new['run_id']}: moved {len(before)} file(s)" in err
+    for path, content in before.items():
+        assert not path.exists()
+        assert (result / "previous_runs" / old_id / path.relative_to(result)).read_bytes() == content
+    # the same labels again: nothing to replace, nothing moved
+    capsys.readouterr()
+    in_process("label_generation", "--model_name", scored.model_dir, "--num_data", 1, *where)
+    assert "note:" not in capsys.readouterr().err
+
+
+# -- flags validated before any work; devices ------------------------------------------------------------
+
+def test_bad_devices(tmp_path, qa_file, tiny_model_dirs, monkeypatch):
+    from utils.models import resolve_device
+
+    result = tmp_path / "result"
+    msg = fails("label_generation.py", "--model_name", tiny_model_dirs["llama"], "--dataset", qa_file,
+                "--num_data", 1, "--result_dir", result, "--device", "gpu0")
+    assert msg == "error: unknown --device 'gpu0'; use auto, cpu, cuda or cuda:N (e.g. cuda:1)"
+    assert not result.exists()
+    with pytest.raises(PipelineError, match=r"^--device mps: Apple GPUs \(mps\) are not supported by this "
+                                            r"pipeline; use --device cpu$"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("CPU") == torch.device("cpu")
+    with pytest.raises(PipelineError, match=r"^--device cuda:2, but PyTorch sees 2 CUDA GPU\(s\) \(cuda:0 to "
+                                            r"cuda:1\); pick one of those$"):
+        resolve_device("cuda:2")
+
+
+def test_run_pipeline_dtype_checked_before_any_step(tmp_path, qa_file):
+    result = tmp_path / "r"
+    msg = fails("run_pipeline.py", "--dtype", "nonsense", "--dataset", qa_file, "--num_data", 2,
+                "--result_dir", result, "--device", "cpu")
+    assert msg.startswith("error: unknown --dtype 'nonsense'; choose one of bf16, ")
+    assert not result.exists()
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--n_steps", "0"], "error: --n_steps must be at least 1 (got 0)"),
+    (["--batch_size", "0"], "error: --batch_size must be at least 1 (got 0)"),
+    (["--ig_num_data", "0"], "error: --ig_num_data must be between 1 and --num_data 2 (got 0); leave it out "
+                             "to run IG on every sample"),
+    (["--ig_num_data", "3"], "error: --ig_num_data must be between 1 and --num_data 2 (got 3); leave it out "
+                             "to run IG on every sample"),
+    (["--device", "mps"], "error: --device mps: Apple GPUs (mps) are not supported by this pipeline; use --device cpu"),
+    (["--num_data", "0"], "error: --num_data must be at least 1 (got 0)"),
+], ids=["n_steps", "batch_size", "ig_num_data_0", "ig_num_data_big", "mps", "num_data"])
+def test_run_pipeline_flags_checked_before_any_step(flags, expected, tmp_path, qa_file, capsys):
+    result = tmp_path / "r"
+    args = ["--dataset", qa_file, "--num_data", 2, "--result_dir", result, "--device", "cpu", *flags]
+    assert exits_2(capsys, "run_pipeline", *args) == expected
+    assert not result.exists()
+
+
+def test_attribution_flags_checked_before_the_folder_is_touched(run_copy, capsys):
+    result, where = run_copy
+    (result / ".lock").unlink(missing_ok=True)
+    before = snapshot(result)
+    assert exits_2(capsys, "attribution_attention", "--batch_size", 0, *where) == \
+        "error: --batch_size must be at least 1 (got 0)"
+    assert exits_2(capsys, "attribution_attention", "--dtype", "fp8", *where).startswith("error: unknown --dtype 'fp8'")
+    assert snapshot(result) == before and not (result / ".lock").exists()
+
+
+def test_empty_dataset_advice(tmp_path):
+    from utils.data import load_samples
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    for num in (None, 1):
+        with pytest.raises(PipelineError) as info:
+            load_samples(str(empty), num)
+        assert str(info.value) == (f"{empty} holds no samples; add rows with a 'question' and a 'best_answer' "
+                                   "(or a list of answers), or choose another --dataset")
+
+
+def test_encoder_model_is_refused(tmp_path, qa_file, offline_tokenizer):
+    """A BERT encoder loads as BertLMHeadModel through AutoModelForCausalLM but sees later tokens."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(offline_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=256)
+    folder = tmp_path / "bert"
+    BertForMaskedLM(cfg).save_pretrained(folder)
+    offline_tokenizer.save_pretrained(folder)
+    result = tmp_path / "result"
+    msg = fails("label_generation.py", "--model_name", folder, "--dataset", qa_file, "--num_data", 1,
+                "--result_dir", result, "--device", "cpu")
+    assert msg == (f"error: model '{folder}' (BertLMHeadModel) is not a causal (left-to-right) language model: "
+                   "its outputs depend on later tokens; use a decoder-only model, e.g. "
+                   "--model_name smollm2-135m-instruct")
+    assert not result.exists()
+
+
+# -- the file system: a file where the folder should be, no permission, a full disk ----------------------
+
+def test_result_folder_is_a_file(tmp_path, qa_file, tiny_model_dirs):
+    result = tmp_path / "result"
+    result.write_text("not a folder")
+    msg = fails("label_generation.py", "--model_name", tiny_model_dirs["llama"], "--dataset", qa_file,
+                "--num_data", 1, "--result_dir", result, "--device", "cpu")
+    assert msg == (f"error: cannot create the result folder {result}: {result} or a folder above it is a file, "
+                   "not a folder; choose another --result_dir")
+    assert result.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("code,expected", [
+    (errno.ENOSPC, "no space left on the device while writing {path}; free some space and run the same "
+                   "command again (finished samples are kept)"),
+    (errno.EACCES, "cannot write {path} (Permission denied); make the folder writable or choose another "
+                   "--result_dir"),
+    (errno.EROFS, "cannot write {path} (Read-only file system); make the folder writable or choose another "
+                  "--result_dir"),
+], ids=["full_disk", "read_only", "read_only_fs"])
+def test_file_system_faults(code, expected, run_copy, monkeypatch, capsys):
+    """A write that fails (injected at the OS call: tests run as root, where permissions do not bite, and
+    no disk can be filled safely) gives one line, and leaves the existing files and no temporary file."""
+    import os
+    import utils.io
+
+    result, where = run_copy
+    (result / "magnitude" / "magnitude_attention_list.pt").unlink()
+    before = snapshot(result)
+    real_mkstemp = utils.io.tempfile.mkstemp
+
+    def failing(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        os.close(fd)
+        os.unlink(name)
+        raise OSError(code, os.strerror(code), name)
+
+    monkeypatch.setattr(utils.io.tempfile, "mkstemp", failing)
+    msg = exits_2(capsys, "Mag_attention", *where)
+    # the first file the step writes: its checkpoint's key
+    assert msg == "error: " + expected.format(path=result / "magnitude" / ".magnitude_attention.parts" / "key.txt")
+    after = snapshot(result)
+    assert {k: v for k, v in after.items() if ".parts" not in k} == before
+    assert not [p for p in result.rglob("*.tmp")]
