@@ -18,7 +18,7 @@ from utils.provenance import run_id_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-METRICS = ["magnitude", "gradient", "gxo", "snip", "cor_gxo", "ig"]
+METRICS = ["magnitude", "gradient", "gxo", "snip", "cor_gxo", "ig", "wina"]
 RATIOS = [k / 10 for k in range(10)]
 # (folder, kind, component) of every score file the scripts write
 SCORE_FILES = [("magnitude", "magnitude", c) for c in ("attention", "mlp")] + \
@@ -131,9 +131,11 @@ def test_sweep_outputs(pipeline):
     assert list(results["curves"]) == METRICS
     for metric in METRICS:
         per = json.loads((res / f"{metric}.json").read_text())
-        assert per["metric"] == metric and per["points"] == results["curves"][metric]["points"]
+        assert per["metric"] == metric and per["source"] == "oracle"
+        assert per["points"] == results["curves"][metric]["points"]
     rows = (res / "results.csv").read_text().strip().splitlines()
-    assert rows[0] == "metric,deactivation_ratio,activation_ratio,bleu,token_agreement,samples"
+    assert rows[0] == "metric,source,deactivation_ratio,activation_ratio,bleu,token_agreement,kl,ppl,samples"
+    assert all(r.split(",")[1] == "oracle" for r in rows[1:])
     assert len(rows) == 1 + len(METRICS) * len(RATIOS)
     s = results["settings"]
     assert s["labels_run_id"] == pipeline.labels["run_id"] and s["num_data"] == 2
@@ -155,10 +157,15 @@ def test_sweep_curves(pipeline):
         assert pts[0]["activation_ratio"] == 1.0, metric
         assert pts[0]["bleu"] == pytest.approx(100.0), metric
         assert pts[0]["token_agreement"] == 1.0, metric
+        assert pts[0]["kl"] == pytest.approx(0.0, abs=1e-6), metric     # p = 0 is the dense model
+        assert all(p["kl"] >= -1e-6 and p["ppl"] >= 1.0 for p in pts)
+        assert pts[-1]["kl"] > pts[0]["kl"], metric                     # p = 0.9 moves the distribution
         acts = [p["activation_ratio"] for p in pts]
         assert all(a >= b for a, b in zip(acts, acts[1:])), (metric, acts)
         assert acts[-1] < 0.5, (metric, acts)  # p = 0.9 removes most units of the masked steps
         assert all(0.0 <= p["bleu"] <= 100.0 + 1e-9 for p in pts)
+    dense_ppl = {curve["points"][0]["ppl"] for curve in results["curves"].values()}
+    assert max(dense_ppl) == pytest.approx(min(dense_ppl), rel=1e-6)   # every p = 0 point is the dense model
     # p = 0 regenerates each label exactly, for every metric and sample
     per_sample = json.loads((pipeline.res / "per_sample.json").read_text())
     dense = [r for r in per_sample if r["ratio"] == 0.0]
@@ -209,3 +216,145 @@ def test_step_batched_attribution_writes_the_same_scores(pipeline, tmp_path):
             for x, y in zip(a, b):
                 # the suite's tolerance: 1e-4 relative to the largest score (as in test_attribution.py)
                 torch.testing.assert_close(y, x, rtol=0, atol=1e-4 * x.abs().max().item())
+
+
+# -- mask sources, stale files, refusals and the done check (main.py in this process: the model is cached) ----
+
+def sweep_in_process(capsys, *args) -> tuple[int, str]:
+    """Run main.py's ``main`` here; returns (exit status, stderr)."""
+    import main as sweep_main
+    capsys.readouterr()
+    try:
+        sweep_main.main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def llama_copy(pipeline, tmp_path):
+    """A private copy of the Llama pipeline's folder (one architecture is enough here: the sources'
+    numerics are tested per architecture in test_sources.py and test_quality.py)."""
+    import shutil
+    if pipeline.arch != "llama":
+        pytest.skip("sweep bookkeeping: one architecture")
+    dst = tmp_path / "result"
+    shutil.copytree(pipeline.result, dst)
+    return dst
+
+
+def test_sweep_with_every_source(pipeline, llama_copy, capsys):
+    from main import sweep_settings
+    from utils.paths import ResultPaths
+    from utils.sweep import sweep_done
+
+    res = llama_copy / "res" / "both"
+    ratios = [0.0, 0.5, 0.9]     # three ratios keep the 21 curves' batch small
+    argv = ["--source", "all", "--num_data", 1, "--calib_num_data", 1, "--plot_metric", "bleu", "kl",
+            "--ratios", *ratios, "--result_dir", llama_copy, "--device", "cpu"]
+    code, err = sweep_in_process(capsys, *argv)
+    assert code == 0, err
+    results = json.loads((res / "results.json").read_text())
+    keys = METRICS + [f"{m}@prompt" for m in METRICS] + [f"{m}@static" for m in METRICS]
+    assert list(results["curves"]) == keys
+    for key, curve in results["curves"].items():
+        metric, _, source = key.partition("@")
+        assert (curve["metric"], curve["source"], curve["samples"]) == (metric, source or "oracle", 1)
+        per = json.loads((res / f"{key}.json").read_text())
+        assert per["points"] == curve["points"] and per["source"] == curve["source"]
+        p0 = curve["points"][0]
+        assert (p0["bleu"], p0["activation_ratio"]) == (pytest.approx(100.0), 1.0), key
+        assert p0["kl"] == pytest.approx(0.0, abs=1e-6), key
+    assert results["settings"]["calibration_samples"] == [1, 1]
+    assert results["settings"]["sources"] == ["oracle", "prompt", "static"]
+    for name in ("tradeoff.png", "tradeoff.pdf", "tradeoff_kl.png", "tradeoff_kl.pdf"):
+        assert (res / name).stat().st_size > 0
+    csv_rows = (res / "results.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + len(keys) * len(ratios)
+    assert {r.split(",")[1] for r in csv_rows[1:]} == {"oracle", "prompt", "static"}
+    # the oracle rows are today's: the same outputs and weights as the pipeline's oracle-only sweep
+    rows = json.loads((res / "per_sample.json").read_text())
+    before = [r for r in json.loads((pipeline.res / "per_sample.json").read_text())
+              if r["sample"] == 0 and r["ratio"] in ratios]
+    oracle = [r for r in rows if r["source"] == "oracle"]
+    assert [(r["metric"], r["ratio"], r["output"], r["kept_weight"]) for r in oracle] == \
+        [(r["metric"], r["ratio"], r["output"], r["kept_weight"]) for r in before]
+    # prompt and static masks are the same at every step: below p = 0 they still mask
+    assert any(r["kept_weight"] < r["total_weight"] for r in rows if r["source"] == "static")
+
+    paths = ResultPaths(llama_copy)
+    run_id = pipeline.labels["run_id"]
+    assert sweep_done(paths, run_id, sweep_settings([str(a) for a in argv]))
+    assert not sweep_done(paths, run_id, sweep_settings([str(a) for a in argv] + ["--ratios", "0.0", "0.5"]))
+    assert not sweep_done(paths, run_id, sweep_settings([str(a) for a in argv] + ["--plot_metric", "bleu"]))
+    assert not sweep_done(paths, "another-run", sweep_settings([str(a) for a in argv]))
+    gxo = paths.score("gxo", "mlp")
+    gxo.write_bytes(gxo.read_bytes())            # rewritten after the sweep: its results may be stale
+    os.utime(gxo, ns=(1, 1))
+    assert not sweep_done(paths, run_id, sweep_settings([str(a) for a in argv]))
+
+    # a later sweep with fewer metrics and sources replaces the results: nothing stale stays beside them
+    (res / "notes.txt").write_text("mine")
+    code, err = sweep_in_process(capsys, "--metric_name", "gxo", "--ratios", 0.0, 0.5, "--result_dir", llama_copy,
+                                 "--device", "cpu")
+    assert code == 0, err
+    assert list(json.loads((res / "results.json").read_text())["curves"]) == ["gxo"]
+    assert sorted(p.name for p in res.iterdir()) == ["gxo.json", "notes.txt", "per_sample.json", "results.csv",
+                                                     "results.json", "tradeoff.pdf", "tradeoff.png"]
+    assert {r["metric"] for r in json.loads((res / "per_sample.json").read_text())} == {"gxo"}
+
+
+def test_metric_all_skips_missing_files_only(pipeline, llama_copy, capsys):
+    from main import sweep_settings
+    from utils.paths import ResultPaths
+    from utils.sweep import sweep_done
+
+    where = ["--result_dir", llama_copy, "--device", "cpu", "--ratios", 0.0, 0.5]
+    ig = llama_copy / "ig"
+    for name in ("ig_attention_list.pt", "ig_attention_list.meta.json"):
+        (ig / name).rename(llama_copy / name)       # IG not computed (yet)
+    code, err = sweep_in_process(capsys, *where)
+    assert code == 0, err
+    assert f"note: skipping ig: {ig / 'ig_attention_list.pt'} is missing" in err
+    curves = json.loads((llama_copy / "res" / "both" / "results.json").read_text())["curves"]
+    assert list(curves) == [m for m in METRICS if m != "ig"]
+    paths, run_id = ResultPaths(llama_copy), pipeline.labels["run_id"]
+    assert sweep_done(paths, run_id, sweep_settings([str(a) for a in where]))
+    for name in ("ig_attention_list.pt", "ig_attention_list.meta.json"):
+        (llama_copy / name).rename(ig / name)       # IG arrives: the sweep is no longer complete
+    assert not sweep_done(paths, run_id, sweep_settings([str(a) for a in where]))
+
+    path = ig / "gxo_attention_list.pt"             # a damaged file is an error naming it, not a skip
+    tensors = torch.load(path, weights_only=True)
+    tensors[0][0, 0, 1] = float("nan")
+    torch.save(tensors, path)
+    code, err = sweep_in_process(capsys, *where)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (f"error: {path}: sample 0 holds non-finite scores; rerun "
+                                            "attribution_attention.py --metric gxo (with --dtype float32 if it overflowed)")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--mask_layers", "1-0"], "error: --mask_layers '1-0': the range 1-0 is empty; write it low-high, e.g. 0-1"),
+    (["--mask_layers", "0,1,1"], "error: --mask_layers '0,1,1' names layer 1 more than once; name each layer once"),
+    (["--ratios", "0.1", "0.5", "0.1"], "error: --ratios repeats 0.1; give each ratio once"),
+    (["--ratios", "0.5", "1.0"], "error: deactivation ratio 1.0 is outside [0, 1)"),
+    (["--source", "label"], "error: unknown --source label; choose from oracle, prompt, static or all"),
+    (["--calib_num_data", "3"], "error: --calib_num_data only applies to --source static; drop it or add static"),
+    (["--metric_name", "gxo", "gxo"], "error: --metric_name repeats gxo; give each metric once"),
+], ids=["layers-reversed", "layers-twice", "ratio-twice", "ratio-one", "source", "calib", "metric-twice"])
+def test_sweep_refuses(pipeline, llama_copy, capsys, args, expected):
+    code, err = sweep_in_process(capsys, *args, "--result_dir", llama_copy, "--device", "cpu")
+    assert (code, err.strip()) == (2, expected)
+    assert not (llama_copy / "res" / "both" / ".sweep.parts").exists()
+
+
+def test_static_needs_disjoint_calibration_samples(pipeline, llama_copy, capsys):
+    code, err = sweep_in_process(capsys, "--source", "static", "--metric_name", "gxo", "--result_dir", llama_copy,
+                                 "--device", "cpu")
+    assert code == 2
+    assert err.strip() == (f"error: --source static calibrates on samples 2..101 (after the 2 evaluated: --num_data 2, "
+                           f"--calib_num_data 100), but {llama_copy / 'labels.json'} holds 2; give --num_data N with "
+                           "N + 100 <= 2, lower --calib_num_data, or rerun label_generation.py --num_data 102 and the "
+                           "score steps")

@@ -136,3 +136,17 @@ def test_unmasked_layers_count_as_fully_active():
         layer_selection([4], 4)
     with pytest.raises(PipelineError, match="mask_layers"):
         parse_layers("a-b")
+
+
+def test_layer_and_ratio_lists_that_would_skew_the_sweep_are_refused():
+    from utils.masks import check_ratios
+    with pytest.raises(PipelineError, match="the range 1-0 is empty"):
+        parse_layers("1-0")                       # would mask nothing: p = 0.9 gives BLEU 100
+    with pytest.raises(PipelineError, match="names layer 2 more than once"):
+        parse_layers("0-2,2")
+    assert parse_layers("3-3") == [3]
+    with pytest.raises(PipelineError, match="repeats 0.5"):
+        check_ratios([0.0, 0.5, 0.5])             # would count the samples of p = 0.5 twice
+    with pytest.raises(PipelineError, match="outside"):
+        check_ratios([0.2, 1.5])
+    assert check_ratios([0, 0.5]) == [0.0, 0.5]

@@ -10,7 +10,7 @@ import torch
 from .errors import PipelineError
 from .sites import ATTN, MLP, ModelLayout
 
-METRIC_NAMES = ("magnitude", "gradient", "gxo", "snip", "cor_gxo", "ig")
+METRIC_NAMES = ("magnitude", "gradient", "gxo", "snip", "cor_gxo", "ig", "wina")
 COR_GXO_VARIANTS = ("paper", "released")
 DEFAULT_RATIOS = tuple(k / 10 for k in range(10))
 
@@ -18,14 +18,21 @@ DEFAULT_RATIOS = tuple(k / 10 for k in range(10))
 def files_needed(metric_name: str) -> list[str]:
     """Score kinds (as in the file names) a metric's ranking reads."""
     return {"magnitude": ["magnitude"], "gradient": ["gradient"], "gxo": ["gxo"], "snip": ["gxo"],
-            "ig": ["ig"], "cor_gxo": ["gxo", "magnitude", "grad_norm", "gradient"]}[metric_name]
+            "ig": ["ig"], "cor_gxo": ["gxo", "magnitude", "grad_norm", "gradient"],
+            "wina": ["magnitude"]}[metric_name]
 
 
 def ranking(metric_name: str, comp: str, s: dict, head_dim: int, variant: str = "paper") -> torch.Tensor:
     """Keep-scores ``[T, L, units]`` (higher = keep) of one component from its score tensors ``s``
-    (keys: magnitude, gradient, gxo, ig ``[T, L, units]``; grad_norm ``[T, L]``)."""
+    (keys: magnitude, gradient, gxo, ig ``[T, L, units]``; grad_norm ``[T, L]``; for wina also
+    out_norm ``[L, units]``, from :func:`output_weight_norms`)."""
     if metric_name == "magnitude":
         return s["magnitude"]
+    if metric_name == "wina":
+        if "out_norm" not in s:
+            raise PipelineError("the wina metric needs the output projections' column norms (out_norm)")
+        # WINA's weight-informed magnitude: what the unit can add to the residual stream
+        return s["magnitude"] * s["out_norm"].to(s["magnitude"].device, s["magnitude"].dtype)
     if metric_name in ("gradient", "gxo", "ig"):
         return -s[metric_name]  # -score: first-order estimate of the loss increase on removal
     if metric_name == "snip":
@@ -40,6 +47,38 @@ def ranking(metric_name: str, comp: str, s: dict, head_dim: int, variant: str = 
         # -g·x (summed over the head's dims) plus half the paper's bound on the inter-layer error
         return -d * s["gxo"] + 0.5 * s["magnitude"] * s["grad_norm"][..., None]
     raise PipelineError(f"unknown metric {metric_name!r}; choose one of {', '.join(METRIC_NAMES)}")
+
+
+def output_weight_norms(layout: ModelLayout) -> dict:
+    """``{comp: float32 [L, units]}``: per neuron j, ||W_down[:, j]||_2; per head h, the Frobenius norm of
+    the output projection's block of columns ``h*d .. (h+1)*d - 1`` (what ``wina`` weighs magnitudes by)."""
+    out = {}
+    for comp, modules in ((ATTN, layout.attn_out), (MLP, layout.mlp_down)):
+        rows = []
+        for module in modules:
+            w = module.weight.detach().float()
+            # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]: square the input's entries
+            per_input = (w ** 2).sum(dim=1) if type(module).__name__ == "Conv1D" else (w ** 2).sum(dim=0)
+            if comp == ATTN:
+                per_input = per_input.view(layout.num_heads, layout.head_dim).sum(-1)
+            rows.append(per_input.sqrt())
+        out[comp] = torch.stack(rows).cpu()
+    return out
+
+
+def check_ratios(ratios) -> list[float]:
+    """The deactivation ratios as floats, each in [0, 1) and given once (a repeated ratio would count its
+    samples twice in the per-ratio averages)."""
+    ratios = [float(p) for p in ratios]
+    if not ratios:
+        raise PipelineError("--ratios is empty; give at least one deactivation ratio, e.g. --ratios 0.0 0.5")
+    for p in ratios:
+        if not 0.0 <= p < 1.0:
+            raise PipelineError(f"deactivation ratio {p} is outside [0, 1)")
+    repeated = sorted({p for p in ratios if ratios.count(p) > 1})
+    if repeated:
+        raise PipelineError(f"--ratios repeats {', '.join(map(str, repeated))}; give each ratio once")
+    return ratios
 
 
 def keep_masks(scores: torch.Tensor, ratios) -> torch.Tensor:
@@ -110,11 +149,19 @@ def parse_layers(text: str | None):
         for part in text.split(","):
             if "-" in part:
                 lo, hi = part.split("-")
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = int(lo), int(hi)
+                if hi < lo:  # 1-0 would silently mask nothing
+                    raise PipelineError(f"--mask_layers {text!r}: the range {part} is empty; write it low-high, "
+                                        f"e.g. {hi}-{lo}")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
     except ValueError:
         raise PipelineError(f"cannot read --mask_layers {text!r}; write e.g. 0-23 or 0,2,5-7") from None
+    repeated = sorted({layer for layer in out if out.count(layer) > 1})
+    if repeated:
+        raise PipelineError(f"--mask_layers {text!r} names layer {', '.join(map(str, repeated))} more than once; "
+                            "name each layer once")
     return out
 
 

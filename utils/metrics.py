@@ -1,7 +1,15 @@
-"""Quality of a masked generation against the dense label."""
+"""Quality of a masked generation against the dense label: BLEU and token agreement of the decoded
+output, and (teacher-forced, no decoding) the KL divergence from the dense model and the perplexity of
+the label."""
 from __future__ import annotations
 
+import inspect
+
 import sacrebleu
+import torch
+
+from .kv_cache import cache_argument_name, forward_kwargs
+from .sites import ATTN, MLP, SiteHooks
 
 
 def bleu(hypothesis: str, reference: str) -> float:
@@ -16,3 +24,48 @@ def token_agreement(output_ids: list[int], label_ids: list[int]) -> float:
         return 1.0
     same = sum(1 for a, b in zip(output_ids, label_ids) if a == b)
     return same / len(label_ids)
+
+
+# -- teacher-forced quality (no decoding): KL from the dense next-token distribution, NLL of the label ----
+LOGITS_BUDGET = 2 ** 24   # logits (variants x steps x vocab) one teacher-forced pass may hold: ~64 MB in fp32
+
+
+@torch.no_grad()
+def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, label_ids: list[int], keep: dict,
+                           batch_size: int = 0) -> dict | None:
+    """KL(dense || masked) and the masked model's NLL of the label, per variant, averaged over the masked
+    steps t = 1..T-1; None when the label has no masked step (T < 2).
+
+    ``keep[comp]``: bool ``[B, T, L, units]`` as for masked generation.  One forward over prompt +
+    label[:T-1] per variant, the mask of step t applied at position P-1+t (the prompt dense): each
+    position's keys and values are computed under its own step's mask, so this is exactly the step-by-step
+    masked model teacher-forced on the label.  Returns ``{"kl": [B], "nll": [B]}`` (float64, CPU)."""
+    T = len(label_ids)
+    if T < 2:
+        return None
+    device = next(model.parameters()).device
+    cache_name = cache_argument_name(model)
+    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+    labels = torch.tensor(label_ids, dtype=torch.long, device=device)
+    seq = torch.cat([prompt_ids[0].to(device), labels[:-1]])[None]   # [1, P+T-1]
+    targets = labels[1:]                                              # step t predicts label[t]
+
+    def log_probs(batch):
+        kwargs = forward_kwargs(cache_name, seq.expand(batch, -1), use_cache=False)
+        if keep_last:
+            kwargs["logits_to_keep"] = T - 1     # only the masked steps' positions need logits
+        logits = model(**kwargs).logits[:, -(T - 1):]
+        return torch.log_softmax(logits.float(), dim=-1)              # [batch, T-1, V]
+
+    dense = log_probs(1)
+    dense_p = dense.exp()
+    B = keep[ATTN].shape[0]
+    per_pass = batch_size if batch_size > 0 else max(1, LOGITS_BUDGET // ((T - 1) * dense.shape[-1]))
+    kl, nll = [], []
+    for s in range(0, B, per_pass):
+        part = {c: keep[c][s:s + per_pass, 1:T].to(device) for c in (ATTN, MLP)}   # steps 1..T-1
+        with hooks.settings(masks=part):
+            masked = log_probs(part[ATTN].shape[0])
+        kl.append((dense_p * (dense - masked)).sum(-1).mean(-1))
+        nll.append(-masked.gather(-1, targets.view(1, -1, 1).expand(masked.shape[0], -1, 1))[..., 0].mean(-1))
+    return {"kl": torch.cat(kl).double().cpu(), "nll": torch.cat(nll).double().cpu()}

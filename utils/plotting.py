@@ -1,6 +1,8 @@
-"""The trade-off figure: activation ratio (x) against BLEU (y), one curve per metric."""
+"""The figures: the trade-off (activation ratio against a quality measure, one curve per metric, one
+panel per mask source) and quality against measured decode speed-up."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -8,37 +10,133 @@ import matplotlib
 matplotlib.use("Agg")  # scripts run headless
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .io import save_figure  # noqa: E402
+from .errors import PipelineError  # noqa: E402
+from .io import read_json, save_figure  # noqa: E402
 
 STYLE = {"magnitude": ("tab:gray", "o"), "gradient": ("tab:orange", "v"), "gxo": ("tab:blue", "s"),
-         "snip": ("tab:purple", "^"), "cor_gxo": ("tab:red", "D"), "ig": ("tab:green", "P")}
+         "snip": ("tab:purple", "^"), "cor_gxo": ("tab:red", "D"), "ig": ("tab:green", "P"),
+         "wina": ("tab:brown", "X")}
 LABEL = {"magnitude": "Magnitude", "gradient": "Gradient", "gxo": "GxO", "snip": "SNIP |GxO|",
-         "cor_gxo": "Corrected GxO", "ig": "Integrated gradients"}
+         "cor_gxo": "Corrected GxO", "ig": "Integrated gradients", "wina": "WINA"}
+SOURCE_TITLE = {"oracle": "oracle (per token, dense label)", "prompt": "prompt (one mask per request)",
+                "static": "static (calibrated, one mask)"}
+MEASURE_LABEL = {"bleu": "BLEU against the dense output", "token_agreement": "token agreement with the dense output",
+                 "kl": "KL(dense || masked), nats per token", "ppl": "perplexity of the dense label"}
 
 
-def plot_tradeoff(results: dict, stem: Path) -> None:
-    """Write ``stem.png`` and ``stem.pdf``."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    counts = {m: c["samples"] for m, c in results["curves"].items()}
-    same_n = len(set(counts.values())) == 1
-    for metric, curve in results["curves"].items():
-        pts = sorted(curve["points"], key=lambda p: p["activation_ratio"])
-        color, marker = STYLE.get(metric, (None, "o"))
-        label = LABEL.get(metric, metric) + ("" if same_n else f" (n={curve['samples']})")
-        ax.plot([p["activation_ratio"] for p in pts], [p["bleu"] for p in pts], marker=marker, color=color,
-                label=label, linewidth=1.5, markersize=4)
+def _title(results: dict) -> str:
+    """Model, dataset, sample count and IG steps (where IG is plotted)."""
     settings = results.get("settings", {})
-    model = settings.get("labels_settings", {}).get("model", "")
-    if "/" in model and Path(model).exists():  # a local path: its name says enough
-        model = Path(model).name
-    ax.set_xlabel("activation ratio (share of head + neuron parameters kept)")
-    ax.set_ylabel("BLEU against the dense output")
-    title = f"{model}, {settings.get('num_data', '?')} samples" if same_n else model
-    ax.set_title(title, fontsize=10)
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    labels = settings.get("labels_settings", {})
+    names = []
+    for key in ("model", "dataset"):
+        value = str(labels.get(key, ""))
+        if "/" in value and Path(value).exists():  # a local path: its name says enough
+            value = Path(value).name
+        names.append(value)
+    parts = [p for p in names if p] + [f"{settings.get('num_data', '?')} samples"]
+    if settings.get("ig_n_steps") and any(c.get("metric") == "ig" for c in results["curves"].values()):
+        parts.append(f"IG-{settings['ig_n_steps']}")
+    return ", ".join(parts)
+
+
+def _curve_metric_source(key: str, curve: dict) -> tuple[str, str]:
+    metric, _, source = key.partition("@")
+    return curve.get("metric", metric), curve.get("source", source or "oracle")
+
+
+def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
+    """Write ``stem.png`` and ``stem.pdf``: activation ratio (x) against ``measure`` (y), one curve per
+    metric, one panel per mask source.  ``(n=…)`` marks a curve with fewer samples than the most."""
+    curves = results["curves"]
+    sources = list(dict.fromkeys(_curve_metric_source(k, c)[1] for k, c in curves.items()))
+    most = max(c["samples"] for c in curves.values())
+    fig, axes = plt.subplots(1, len(sources), figsize=(6.4 if len(sources) == 1 else 4.6 * len(sources), 4.4),
+                             sharey=True, squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        for key, curve in curves.items():
+            metric, src = _curve_metric_source(key, curve)
+            if src != source:
+                continue
+            pts = sorted((p for p in curve["points"] if p.get(measure) is not None
+                          and not math.isnan(p[measure])), key=lambda p: p["activation_ratio"])
+            color, marker = STYLE.get(metric, (None, "o"))
+            label = LABEL.get(metric, metric) + ("" if curve["samples"] == most else f" (n={curve['samples']})")
+            ax.plot([p["activation_ratio"] for p in pts], [p[measure] for p in pts], marker=marker, color=color,
+                    label=label, linewidth=1.5, markersize=4)
+        ax.set_xlabel("activation ratio (share of head + neuron parameters kept)", fontsize=8 if len(sources) > 1 else 10)
+        if len(sources) > 1 or source != "oracle":
+            ax.set_title(SOURCE_TITLE.get(source, source), fontsize=9)
+        ax.set_xlim(0, 1.02)
+        if measure == "ppl":
+            ax.set_yscale("log")
+        elif measure != "kl":
+            ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(MEASURE_LABEL.get(measure, measure))
+    fig.suptitle(_title(results), fontsize=10)
+    for suffix in (".png", ".pdf"):
+        save_figure(fig, Path(str(stem) + suffix))
+    plt.close(fig)
+
+
+def speedup_at(rows: list[dict], kept: float) -> float:
+    """Decode speed-up at a kept share, linearly interpolated between the benchmark's points (clamped to
+    the measured range: no extrapolation)."""
+    pts = sorted((float(r["kept"]), float(r["speedup"])) for r in rows)
+    if kept <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if kept <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (kept - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def load_speed_rows(bench_json) -> dict:
+    """``{(device, batch): rows}`` from the decode benchmark's JSON: a list of rows (or ``{"rows": [...]}``)
+    like ``{"device": "cpu", "batch": 1, "kept": 0.5, "speedup": 1.6}``."""
+    try:
+        data = read_json(bench_json)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"cannot read the benchmark JSON {bench_json} ({type(err).__name__}); "
+                            "give the file the decode benchmark wrote") from None
+    rows = data.get("rows") if isinstance(data, dict) else data
+    groups = {}
+    try:
+        for r in rows:
+            if not (math.isfinite(float(r["kept"])) and math.isfinite(float(r["speedup"]))):
+                raise ValueError
+            groups.setdefault((str(r.get("device", "?")), r.get("batch", 1)), []).append(r)
+    except (TypeError, KeyError, ValueError):
+        raise PipelineError(f"{bench_json} is not a decode benchmark JSON: it needs rows with finite 'kept' and "
+                            "'speedup' (and 'device', 'batch')") from None
+    if not groups:
+        raise PipelineError(f"{bench_json} holds no benchmark rows")
+    return groups
+
+
+def plot_speed_quality(results: dict, bench_json, stem: Path, measure: str = "bleu") -> None:
+    """Write ``stem.png``/``.pdf``: ``measure`` (y) against measured decode speed-up (x), the speed-up of
+    each point interpolated at its activation ratio; one panel per (device, batch) of the benchmark, one
+    line style per mask source."""
+    groups = load_speed_rows(bench_json)
+    dashes = {"oracle": "-", "prompt": "--", "static": ":"}
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.4), sharey=True, squeeze=False)
+    for ax, ((device, batch), rows) in zip(axes[0], sorted(groups.items(), key=lambda g: str(g[0]))):
+        for key, curve in results["curves"].items():
+            metric, source = _curve_metric_source(key, curve)
+            pts = [p for p in curve["points"] if p.get(measure) is not None and not math.isnan(p[measure])]
+            xs = [speedup_at(rows, p["activation_ratio"]) for p in pts]
+            color, marker = STYLE.get(metric, (None, "o"))
+            ax.plot(xs, [p[measure] for p in pts], linestyle=dashes.get(source, "-"), color=color, marker=marker,
+                    markersize=4, linewidth=1.3, label=f"{LABEL.get(metric, metric)} ({source})")
+        ax.set_title(f"{device}, batch {batch}", fontsize=9)
+        ax.set_xlabel("measured decode speed-up over dense (×)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel(MEASURE_LABEL.get(measure, measure))
+    fig.suptitle(_title(results), fontsize=10)
     for suffix in (".png", ".pdf"):
         save_figure(fig, Path(str(stem) + suffix))
     plt.close(fig)

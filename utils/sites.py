@@ -117,7 +117,9 @@ def locate_units(model: nn.Module) -> ModelLayout:
 class SiteHooks:
     """Forward pre-hooks on every unit site.  Set the attributes below before a forward pass:
 
-    - ``masks[comp]``: float tensor ``[B, L, units]`` multiplying each unit (None: no masking);
+    - ``masks[comp]``: tensor ``[B, L, units]`` multiplying each unit at every position (None: no
+      masking), or ``[B, K, L, units]``: one mask per position for the last K positions of the pass,
+      the earlier ones dense (a teacher-forced sequence with each generation step's own mask);
     - ``scales[comp]``: float tensor ``[B, L]`` scaling a layer's whole component (None: no scaling); a
       layer that sees fewer rows (IG's staggered batch) uses the first ones;
     - ``record``: keep the unmodified unit outputs at the last position in ``recorded[comp][l]``;
@@ -186,7 +188,13 @@ class SiteHooks:
                    else torch.full_like(rows, x.shape[1] - 1))        # default: the last position
             if self.record:
                 self.recorded[comp][layer] = x[rows, pos].detach()
-            if mask is not None:
+            if mask is not None and mask.dim() == 4:               # per position: the last K positions
+                m = mask[:, :, layer].to(x.device, x.dtype)
+                if comp == ATTN:
+                    m = m.repeat_interleave(layout.head_dim, dim=-1)
+                K = m.shape[1]
+                x = torch.cat([x[:, :x.shape[1] - K], x[:, x.shape[1] - K:] * m], dim=1)
+            elif mask is not None:
                 m = mask[:, layer].to(x.dtype)
                 if comp == ATTN:
                     m = m.repeat_interleave(layout.head_dim, dim=-1)

@@ -1,10 +1,14 @@
-"""The sparsity sweep (METHOD §5): for each sample, every requested metric at every deactivation ratio
-is decoded in one batch; quality against the dense label and the activation ratio are aggregated."""
+"""The sparsity sweep (METHOD §5, §7): for each sample, every requested metric x mask source x deactivation
+ratio is decoded in one batch and scored teacher-forced; quality against the dense label and the
+activation ratio are aggregated.  ``results.json`` is written last and names the request it answers, so
+:func:`sweep_done` can tell whether the folder already holds this sweep."""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
+import os
 import sys
 
 import torch
@@ -13,18 +17,22 @@ from tqdm.auto import tqdm
 from .errors import PipelineError
 from .generation import masked_generate
 from .distributed import current_shard, map_samples, open_checkpoint
-from .io import write_json, write_text
-from .masks import (METRIC_NAMES, apply_layer_selection, files_needed, keep_masks, kept_weight, layer_selection,
-                    ranking, unit_weights)
-from .metrics import bleu, token_agreement
+from .io import read_json, write_json, write_text
+from .masks import (METRIC_NAMES, apply_layer_selection, check_ratios, files_needed, kept_weight, layer_selection,
+                    output_weight_norms, ranking, unit_weights)
+from .metrics import bleu, teacher_forced_quality, token_agreement
 from .models import eos_token_ids
-from .provenance import load_scores
+from .provenance import load_scores, meta_path
 from .sites import ATTN, COMPONENTS, MLP, SiteHooks
+from .sources import (DEFAULT_CALIB_NUM_DATA, SOURCES, curve_key, parse_sources, source_keep_masks,
+                      static_keep_scores)
 
 PRODUCERS = {"magnitude": {ATTN: "Mag_attention.py", MLP: "Mag_mlp.py"},
              "gradient": "attribution_attention.py --metric gradient",
              "gxo": "attribution_attention.py --metric gxo", "grad_norm": "attribution_attention.py --metric gxo",
              "ig": "attribution_attention.py --metric ig"}
+PLOT_METRICS = ("bleu", "token_agreement", "kl", "ppl")   # the y-axes the trade-off figure can show
+RESULT_FILES = ("results.json", "results.csv", "per_sample.json")
 
 
 def producer_of(kind: str, comp: str) -> str:
@@ -32,10 +40,83 @@ def producer_of(kind: str, comp: str) -> str:
     return p[comp] if isinstance(p, dict) else p
 
 
-def load_metric_scores(run, metric_names: list[str], explicit: bool) -> dict:
-    """``{metric: {comp: {kind: list of tensors}}}``.  With ``explicit`` False (``--metric_name all``), a
-    metric whose files are missing is skipped with a warning instead of stopping the run."""
-    layout, cache, out = run.layout, {}, {}
+def figure_stem(plot_metric: str) -> str:
+    """``tradeoff`` for BLEU (today's name), ``tradeoff_<measure>`` for the others."""
+    return "tradeoff" if plot_metric == "bleu" else f"tradeoff_{plot_metric}"
+
+
+def sweep_request(metric_name, *, ratios, mask_layers=None, variant: str = "paper", sources=("oracle",),
+                  num_data: int | None = None, calib_num_data: int | None = None, plot_metrics=("bleu",)) -> dict:
+    """The settings that define a sweep, checked and normalised (recorded in ``results.json``; compare
+    with :func:`sweep_done`).  ``metric_name``: a list of metrics, or ``["all"]`` (those whose files exist).
+    ``num_data`` None: every labelled sample.  ``calib_num_data`` None: the default when ``static`` is
+    requested, nothing otherwise."""
+    names = list(metric_name)
+    if names != ["all"]:
+        unknown = [m for m in names if m not in METRIC_NAMES]
+        if unknown:
+            raise PipelineError(f"unknown --metric_name {', '.join(unknown)}; choose from {', '.join(METRIC_NAMES)} or all")
+        repeated = sorted({m for m in names if names.count(m) > 1})
+        if repeated:
+            raise PipelineError(f"--metric_name repeats {', '.join(repeated)}; give each metric once")
+    sources = parse_sources(sources)
+    plots = list(dict.fromkeys(plot_metrics))
+    bad = [m for m in plots if m not in PLOT_METRICS]
+    if bad or not plots:
+        raise PipelineError(f"unknown --plot_metric {', '.join(bad)}; choose from {', '.join(PLOT_METRICS)}")
+    if "static" in sources:
+        calib_num_data = DEFAULT_CALIB_NUM_DATA if calib_num_data is None else calib_num_data
+        if calib_num_data < 1:
+            raise PipelineError(f"--calib_num_data must be at least 1 (got {calib_num_data})")
+    elif calib_num_data is not None:
+        raise PipelineError("--calib_num_data only applies to --source static; drop it or add static")
+    return {"metric_name": names, "sources": sources, "ratios": check_ratios(ratios),
+            "mask_layers": "all" if mask_layers is None else list(mask_layers), "cor_gxo_variant": variant,
+            "num_data": num_data, "calib_num_data": calib_num_data, "plot_metrics": plots}
+
+
+def _fingerprint(path) -> dict:
+    """Enough to notice that a score file was rewritten after the sweep read it."""
+    st = os.stat(path)
+    meta = read_json(meta_path(path))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "run_id": meta.get("run_id"),
+            "num_samples": meta.get("num_samples"), "n_steps": meta.get("n_steps")}
+
+
+def _files_present(paths, metric: str) -> bool:
+    return all(paths.score(kind, comp).is_file() for comp in COMPONENTS for kind in files_needed(metric))
+
+
+def sweep_done(paths, run_id: str, settings: dict) -> bool:
+    """True when ``paths.res`` holds a complete sweep of the labels ``run_id`` for exactly ``settings``
+    (a :func:`sweep_request` dict), from score files unchanged since, with no metric's files added since
+    (for ``all``), and every result file and figure in place.  run_pipeline.py skips the sweep then."""
+    results_file = paths.res / "results.json"
+    try:
+        results = read_json(results_file)
+        recorded = results["settings"]
+        request = dict(settings)
+        if request.get("num_data") is None:
+            request["num_data"] = len(read_json(paths.labels)["labels"])
+        if recorded.get("labels_run_id") != run_id or recorded.get("request") != request:
+            return False
+        for rel, fp in recorded.get("score_files", {}).items():
+            if _fingerprint(paths.root / rel) != fp:
+                return False
+        if any(_files_present(paths, m) for m in recorded.get("metrics_skipped", [])):
+            return False
+        names = list(RESULT_FILES) + [f"{key}.json" for key in results["curves"]]
+        names += [figure_stem(m) + ext for m in request["plot_metrics"] for ext in (".png", ".pdf")]
+        return all((paths.res / n).is_file() for n in names)
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
+def load_metric_scores(run, metric_names: list[str], explicit: bool) -> tuple[dict, list[str]]:
+    """``({metric: {comp: {kind: list of tensors}}}, skipped metrics)``.  With ``explicit`` False
+    (``--metric_name all``), a metric whose score files are *missing* is skipped with a note; a file that
+    is there but damaged, from other labels, of the wrong shape or non-finite is an error naming it."""
+    layout, cache, out, skipped = run.layout, {}, {}, []
 
     def shape(kind, comp):
         units = layout.units(comp)
@@ -43,71 +124,107 @@ def load_metric_scores(run, metric_names: list[str], explicit: bool) -> dict:
             (lambda T: (T, layout.num_layers, units))
 
     for metric in metric_names:
-        try:
-            per = {}
-            for comp in COMPONENTS:
-                per[comp] = {}
-                for kind in files_needed(metric):
-                    if (kind, comp) not in cache:
-                        cache[(kind, comp)] = load_scores(run.paths.score(kind, comp), run.labels,
-                                                          shape(kind, comp), producer_of(kind, comp))
-                    per[comp][kind] = cache[(kind, comp)]
-            out[metric] = per
-        except PipelineError as err:
-            if explicit:
-                raise
-            print(f"note: skipping {metric}: {err}", file=sys.stderr)
+        needed = [(kind, comp) for comp in COMPONENTS for kind in files_needed(metric)]
+        missing = [run.paths.score(k, c) for k, c in needed if not run.paths.score(k, c).is_file()]
+        if missing and not explicit:
+            first = missing[0]
+            kind, comp = first.name[:-len("_list.pt")].rsplit("_", 1)
+            print(f"note: skipping {metric}: {first} is missing (run {producer_of(kind, comp)} to add it)",
+                  file=sys.stderr)
+            skipped.append(metric)
+            continue
+        per = {}
+        for kind, comp in needed:
+            if (kind, comp) not in cache:
+                cache[(kind, comp)] = load_scores(run.paths.score(kind, comp), run.labels, shape(kind, comp),
+                                                  producer_of(kind, comp))
+            per.setdefault(comp, {})[kind] = cache[(kind, comp)]
+        out[metric] = per
     if not out:
         raise PipelineError("no metric has its score files; run Mag_attention.py, Mag_mlp.py and "
                             "attribution_attention.py first")
-    return out
+    return out, skipped
 
 
 def metric_sample_count(per_metric: dict) -> int:
     return min(len(lst) for comp in per_metric.values() for lst in comp.values())
 
 
-def sample_keep_masks(per_metric: dict, metric: str, i: int, ratios, selected, head_dim, variant,
-                      device=None) -> dict:
-    """Bool keep-masks ``{comp: [R, T, L, units]}`` of one metric for sample ``i``, built on ``device``
-    (the model's: sorting every step's and layer's scores is real work, and torchrun gives each CPU
-    process one thread)."""
+def metric_ranks(per_metric: dict, metric: str, i: int, head_dim: int, variant: str, out_norm=None,
+                 device=None) -> dict:
+    """Per-step keep-scores ``{comp: [T, L, units]}`` of one metric for sample ``i``, on ``device`` (the
+    model's: sorting every step's and layer's scores is real work)."""
     out = {}
     for comp in COMPONENTS:
         s = {kind: lst[i].to(device) for kind, lst in per_metric[comp].items()}
-        rank = ranking(metric, comp, s, head_dim, variant)
-        out[comp] = apply_layer_selection(keep_masks(rank, ratios), selected)
+        if out_norm is not None:
+            s["out_norm"] = out_norm[comp]
+        out[comp] = ranking(metric, comp, s, head_dim, variant)
     return out
 
 
+def sample_keep_masks(per_metric: dict, metric: str, i: int, ratios, selected, head_dim, variant,
+                      device=None, source: str = "oracle", static_rank=None, out_norm=None) -> dict:
+    """Bool keep-masks ``{comp: [R, T, L, units]}`` of one metric and mask source for sample ``i``."""
+    ranks = metric_ranks(per_metric, metric, i, head_dim, variant, out_norm, device)
+    return {comp: apply_layer_selection(source_keep_masks(source, ranks[comp], ratios,
+                                                          None if static_rank is None else static_rank[comp]),
+                                        selected)
+            for comp in COMPONENTS}
+
+
 def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_layers=None,
-              variant: str = "paper", batch_size: int = 0) -> dict:
-    """Masked generation of every sample for every (metric, ratio); returns and writes the results."""
-    for m in metric_names:
-        if m not in METRIC_NAMES:
-            raise PipelineError(f"unknown metric {m!r}; choose from {', '.join(METRIC_NAMES)} or all")
-    scores = load_metric_scores(run, metric_names, explicit)
+              variant: str = "paper", batch_size: int = 0, sources=("oracle",), calib_num_data=None,
+              plot_metrics=("bleu",)) -> dict:
+    """Masked generation of every sample for every (metric, source, ratio); returns and writes the results."""
+    request = sweep_request(["all"] if not explicit else metric_names, ratios=ratios, mask_layers=mask_layers,
+                            variant=variant, sources=sources, num_data=run.num_data,
+                            calib_num_data=calib_num_data, plot_metrics=plot_metrics)
+    ratios, sources, M = request["ratios"], request["sources"], request["calib_num_data"]
+    scores, skipped = load_metric_scores(run, metric_names, explicit)
     metrics = list(scores)
     counts = {m: min(run.num_data, metric_sample_count(scores[m])) for m in metrics}
     layout, labels, tok = run.layout, run.labels, run.tokenizer
     selected = layer_selection(mask_layers, layout.num_layers)
     weights = unit_weights(layout)
+    out_norm = output_weight_norms(layout) if "wina" in metrics else None
+    N = run.num_data
+    static = {}
+    if "static" in sources:
+        if N + M > len(labels):
+            raise PipelineError(f"--source static calibrates on samples {N}..{N + M - 1} (after the {N} evaluated: "
+                                f"--num_data {N}, --calib_num_data {M}), but {labels.path} holds {len(labels)}; "
+                                f"give --num_data N with N + {M} <= {len(labels)}, lower --calib_num_data, or rerun "
+                                f"label_generation.py --num_data {N + M} and the score steps")
+        for m in metrics:
+            have = metric_sample_count(scores[m])
+            if have < N + M:
+                msg = (f"--source static calibrates {m} on samples {N}..{N + M - 1}, but its score files hold "
+                       f"{have} samples; rerun its score step with --num_data {N + M}, or lower --calib_num_data")
+                if explicit:
+                    raise PipelineError(msg)
+                print(f"note: skipping {m}@static: {msg}", file=sys.stderr)
+                continue
+            static[m] = static_keep_scores(scores[m], m, range(N, N + M), layout.head_dim, variant, out_norm)
+    # the curves, in order: sources outer (oracle first: today's files come first), metrics inner
+    variants = [(m, src) for src in sources for m in metrics if src != "static" or m in static]
     eos = labels.settings.get("eos_token_ids") or eos_token_ids(run.model, tok)
     hooks = SiteHooks(run.model, layout)
-    key = json.dumps({"run_id": labels.run_id, "metrics": metrics, "counts": counts, "ratios": list(ratios),
-                      "mask_layers": mask_layers, "variant": variant})
+    key = json.dumps({"run_id": labels.run_id, "variants": variants, "counts": counts, "request": request,
+                      "quality": ["bleu", "token_agreement", "kl", "ppl"]})
     ckpt = open_checkpoint(run.paths.res / ".sweep", key)
     R = len(ratios)
     device = next(run.model.parameters()).device
 
     def sweep_one(i):
-        active = [m for m in metrics if i < counts[m]]
+        active = [(m, src) for m, src in variants if i < counts[m]]
         label = labels.label_ids[i]
         sample_rows = []
         if active and label:
-            masks = [sample_keep_masks(scores[m], m, i, ratios, selected, layout.head_dim, variant, device)
-                     for m in active]
-            keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [M*R, T, L, U]
+            masks = [sample_keep_masks(scores[m], m, i, ratios, selected, layout.head_dim, variant, device,
+                                       source=src, static_rank=static.get(m), out_norm=out_norm)
+                     for m, src in active]
+            keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [V*R, T, L, U]
             kept, total = kept_weight(keep, weights)
             prompt = torch.tensor([labels.prompt_ids[i]])
             step = batch_size if batch_size > 0 else keep[ATTN].shape[0]
@@ -115,11 +232,16 @@ def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_laye
             for s in range(0, keep[ATTN].shape[0], step):
                 part = {c: keep[c][s:s + step] for c in COMPONENTS}
                 outputs.extend(masked_generate(run.model, hooks, prompt, part, eos, len(label)))
+            quality = teacher_forced_quality(run.model, hooks, prompt, label, keep, batch_size)
             for b, ids in enumerate(outputs):
                 text = tok.decode(ids, skip_special_tokens=True)
-                sample_rows.append({"sample": i, "metric": active[b // R], "ratio": float(ratios[b % R]),
+                metric, src = active[b // R]
+                sample_rows.append({"sample": i, "metric": metric, "source": src, "ratio": float(ratios[b % R]),
                                     "bleu": bleu(text, labels.texts[i]),
                                     "token_agreement": token_agreement(ids, label),
+                                    "kl": None if quality is None else float(quality["kl"][b]),
+                                    "ppl": None if quality is None else math.exp(float(quality["nll"][b])),
+                                    "masked_steps": len(label) - 1,
                                     "kept_weight": float(kept[b]), "total_weight": float(total[b]),
                                     "output": text})
         bar.update(1)
@@ -134,51 +256,88 @@ def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_laye
     if per_sample is None:  # another process writes the results
         return None
     rows = [row for sample_rows in per_sample for row in sample_rows]
-    results = aggregate(rows, metrics, ratios, counts)
+    results = aggregate(rows, variants, ratios, counts)
+    used = sorted({(k, c) for m in metrics for c in COMPONENTS for k in files_needed(m)})
+    ig_steps = None
+    if "ig" in metrics:
+        ig_steps = read_json(meta_path(run.paths.score("ig", ATTN))).get("n_steps")
     results["settings"] = {"labels_run_id": labels.run_id, "labels_settings": labels.settings,
                            "num_data": run.num_data, "ratios": list(ratios),
                            "mask_layers": "all" if mask_layers is None else mask_layers,
-                           "cor_gxo_variant": variant, "unit_weights": weights.as_dict(),
+                           "cor_gxo_variant": variant, "sources": sources,
+                           "calibration_samples": None if M is None else [N, N + M - 1],
+                           "ig_n_steps": ig_steps, "unit_weights": weights.as_dict(),
                            "layers": layout.num_layers, "heads": layout.num_heads,
-                           "neurons": layout.intermediate}
-    write_results(run.paths.res, results, rows)
+                           "neurons": layout.intermediate, "request": request, "metrics_skipped": skipped,
+                           "score_files": {str(run.paths.score(k, c).relative_to(run.paths.root)):
+                                           _fingerprint(run.paths.score(k, c)) for k, c in used}}
+    write_results(run.paths.res, results, rows, request["plot_metrics"])
     ckpt.finish()
     return results
 
 
-def aggregate(rows: list[dict], metrics, ratios, counts) -> dict:
-    """Per metric and ratio: mean BLEU and token agreement over samples; activation ratio = kept
-    parameter weight / total over all samples' masked steps (a token-weighted share)."""
+def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
+    """Per (metric, source) and ratio: mean BLEU and token agreement over samples; activation ratio = kept
+    parameter weight / total over all samples' masked steps (a token-weighted share); KL and perplexity
+    over all samples' masked steps (token-weighted: KL the mean, perplexity exp of the mean NLL)."""
     curves = {}
-    for m in metrics:
+    for m, src in variants:
         points = []
         for p in ratios:
-            sel = [r for r in rows if r["metric"] == m and r["ratio"] == float(p)]
+            sel = [r for r in rows if r["metric"] == m and r["source"] == src and r["ratio"] == float(p)]
             total = sum(r["total_weight"] for r in sel)
+            scored = [r for r in sel if r["kl"] is not None]
+            steps = sum(r["masked_steps"] for r in scored)
             points.append({
                 "deactivation_ratio": float(p),
                 "activation_ratio": sum(r["kept_weight"] for r in sel) / total if total else 1.0,
                 "bleu": sum(r["bleu"] for r in sel) / len(sel) if sel else float("nan"),
                 "token_agreement": sum(r["token_agreement"] for r in sel) / len(sel) if sel else float("nan"),
+                "kl": sum(r["kl"] * r["masked_steps"] for r in scored) / steps if steps else None,
+                "ppl": math.exp(sum(math.log(r["ppl"]) * r["masked_steps"] for r in scored) / steps)
+                if steps else None,
                 "samples": len(sel)})
-        curves[m] = {"samples": counts[m], "points": points}
+        curves[curve_key(m, src)] = {"metric": m, "source": src, "samples": counts[m], "points": points}
     return {"curves": curves}
 
 
-def write_results(folder, results: dict, rows: list[dict]) -> None:
+def _is_curve_file(name: str) -> bool:
+    """A per-curve JSON of this sweep's naming (``<metric>.json``, ``<metric>@<source>.json``)."""
+    if not name.endswith(".json"):
+        return False
+    metric, _, source = name[:-len(".json")].partition("@")
+    return metric in METRIC_NAMES and (source == "" or source in SOURCES)
+
+
+def write_results(folder, results: dict, rows: list[dict], plot_metrics=("bleu",)) -> None:
+    """Replace the folder's sweep results: ``results.json`` goes first (so a crash in between leaves no
+    results.json beside half-replaced files, which marks the folder as unfinished) and comes back last;
+    per-curve JSONs and figures of curves or measures this sweep does not have are deleted."""
     from .plotting import plot_tradeoff
 
     folder.mkdir(parents=True, exist_ok=True)
-    for metric, curve in results["curves"].items():
-        write_json(folder / f"{metric}.json", {"metric": metric, **curve, "settings": results["settings"]})
-    write_json(folder / "results.json", results)
+    (folder / "results.json").unlink(missing_ok=True)
+    keep = {f"{key}.json" for key in results["curves"]}
+    figures = {figure_stem(m) + ext for m in plot_metrics for ext in (".png", ".pdf")}
+    for path in folder.iterdir():
+        stale_curve = _is_curve_file(path.name) and path.name not in keep
+        stale_figure = path.name.startswith("tradeoff") and path.suffix in (".png", ".pdf") and path.name not in figures
+        if path.is_file() and (stale_curve or stale_figure):
+            path.unlink()
+    for key, curve in results["curves"].items():
+        write_json(folder / f"{key}.json", {**curve, "settings": results["settings"]})
     write_json(folder / "per_sample.json", rows)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["metric", "deactivation_ratio", "activation_ratio", "bleu", "token_agreement", "samples"])
-    for metric, curve in results["curves"].items():
+    writer.writerow(["metric", "source", "deactivation_ratio", "activation_ratio", "bleu", "token_agreement",
+                     "kl", "ppl", "samples"])
+    for curve in results["curves"].values():
         for pt in curve["points"]:
-            writer.writerow([metric, pt["deactivation_ratio"], f"{pt['activation_ratio']:.6f}",
-                             f"{pt['bleu']:.4f}", f"{pt['token_agreement']:.6f}", pt["samples"]])
+            writer.writerow([curve["metric"], curve["source"], pt["deactivation_ratio"],
+                             f"{pt['activation_ratio']:.6f}", f"{pt['bleu']:.4f}", f"{pt['token_agreement']:.6f}",
+                             "" if pt["kl"] is None else f"{pt['kl']:.6g}",
+                             "" if pt["ppl"] is None else f"{pt['ppl']:.6g}", pt["samples"]])
     write_text(folder / "results.csv", buf.getvalue())
-    plot_tradeoff(results, folder / "tradeoff")
+    for measure in plot_metrics:
+        plot_tradeoff(results, folder / figure_stem(measure), measure)
+    write_json(folder / "results.json", results)

@@ -1,0 +1,42 @@
+"""Quality against measured decode speed-up: the sweep's results.json (activation ratio, BLEU, ... per
+metric, source and ratio) and the decode benchmark's JSON (rows {"device", "batch", "kept", "speedup"})
+-> one panel per device and batch, each point placed at the speed-up interpolated at its activation ratio.
+
+    python benchmarks/plot_speed_quality.py result/truthfulqa/res/both/results.json bench_decode.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.errors import PipelineError, cli_entry  # noqa: E402
+from utils.io import read_json  # noqa: E402
+from utils.plotting import plot_speed_quality  # noqa: E402
+from utils.sweep import PLOT_METRICS  # noqa: E402
+
+MEASURE = "bleu"
+OUT = None          # None: speed_quality.png/.pdf beside results.json
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="results.json of a main.py sweep")
+    p.add_argument("bench_json", help="the decode benchmark's JSON: rows with device, batch, kept, speedup")
+    p.add_argument("--measure", default=MEASURE, choices=PLOT_METRICS, help="y-axis")
+    p.add_argument("--out", default=OUT, help="output stem (writes .png and .pdf)")
+    args = p.parse_args(argv)
+    try:
+        results = read_json(args.results)
+        results["curves"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PipelineError(f"{args.results} is not a sweep's results.json; run main.py first") from None
+    stem = Path(args.out) if args.out else Path(args.results).with_name("speed_quality")
+    plot_speed_quality(results, args.bench_json, stem, args.measure)
+    print(f"wrote {stem}.png, {stem}.pdf")
+
+
+if __name__ == "__main__":
+    main()

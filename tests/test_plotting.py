@@ -1,0 +1,57 @@
+"""The figures: trade-off panels per source, titles, and quality against measured decode speed-up."""
+import json
+
+import pytest
+
+from utils.errors import PipelineError
+from utils.plotting import _title, load_speed_rows, plot_speed_quality, plot_tradeoff, speedup_at
+
+ROWS = [{"device": "cpu", "batch": 1, "kept": 1.0, "speedup": 1.0},
+        {"device": "cpu", "batch": 1, "kept": 0.5, "speedup": 1.6},
+        {"device": "cpu", "batch": 1, "kept": 0.25, "speedup": 2.2}]
+
+
+def results(samples=(3, 3)):
+    def curve(metric, source, n):
+        return {"metric": metric, "source": source, "samples": n,
+                "points": [{"deactivation_ratio": p, "activation_ratio": 1 - 0.8 * p, "bleu": 100 * (1 - p),
+                            "token_agreement": 1 - p, "kl": p, "ppl": 10 + p, "samples": n} for p in (0.0, 0.5, 0.9)]}
+    return {"curves": {"gxo": curve("gxo", "oracle", samples[0]), "ig": curve("ig", "oracle", samples[1]),
+                       "gxo@prompt": curve("gxo", "prompt", samples[0])},
+            "settings": {"labels_settings": {"model": "org/tiny", "dataset": "truthfulqa-offline"},
+                         "num_data": 3, "ig_n_steps": 20}}
+
+
+def test_speedup_is_interpolated_between_measured_points():
+    assert speedup_at(ROWS, 0.75) == pytest.approx(1.3)
+    assert speedup_at(ROWS, 0.375) == pytest.approx(1.9)
+    assert speedup_at(ROWS, 0.5) == pytest.approx(1.6)
+    assert speedup_at(ROWS, 0.1) == pytest.approx(2.2)      # below the measured range: clamped
+    assert speedup_at(ROWS, 1.0) == pytest.approx(1.0)
+
+
+def test_figures_are_written(tmp_path):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": ROWS + [{**r, "device": "cuda"} for r in ROWS]}))
+    assert sorted(load_speed_rows(bench)) == [("cpu", 1), ("cuda", 1)]
+    plot_speed_quality(results(), bench, tmp_path / "speed")
+    plot_tradeoff(results(), tmp_path / "tradeoff_kl", "kl")
+    for name in ("speed.png", "speed.pdf", "tradeoff_kl.png", "tradeoff_kl.pdf"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_title_names_model_dataset_samples_and_ig_steps():
+    assert _title(results()) == "org/tiny, truthfulqa-offline, 3 samples, IG-20"
+    no_ig = results()
+    del no_ig["curves"]["ig"]
+    assert _title(no_ig) == "org/tiny, truthfulqa-offline, 3 samples"
+
+
+def test_bad_benchmark_json_is_refused(tmp_path):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps([{"device": "cpu", "kept": 0.5}]))
+    with pytest.raises(PipelineError, match="needs rows with finite 'kept' and 'speedup'"):
+        load_speed_rows(bench)
+    with pytest.raises(PipelineError, match="cannot read the benchmark JSON"):
+        load_speed_rows(tmp_path / "missing.json")
