@@ -144,14 +144,24 @@ def test_summary_and_figure(error_run):
     assert not (out / "rows.json.parts").exists()       # the per-sample checkpoint is cleaned up
 
 
-def test_rerun_is_identical_and_bad_flags_fail_cleanly(error_run, capsys):
+def test_other_batch_split_gives_the_same_rows_and_bad_flags_fail_cleanly(error_run, capsys):
+    from utils.attribution_error import sample_rows
+    from utils.cli import common_parser, open_run
+    from utils.sites import SiteHooks
+    from utils.sweep import load_metric_scores
+
     where = ["--result_dir", str(error_run["result"]), "--device", "cpu"]
-    attribution_error.main(["--num_units", "6", "--steps", "2", "--batch_size", "64", *where])
-    again = json.loads((error_run["dir"] / "rows.json").read_text())
-    for a, b in zip(again, error_run["rows"]):   # another batch split: same units, same losses
+    run = open_run(common_parser("", {}).parse_args(where))
+    per_metric = load_metric_scores(run, list(ERROR_METRICS), explicit=True)
+    with SiteHooks(run.model, run.layout) as hooks:
+        again = [r for i in range(run.num_data)
+                 for r in sample_rows(run, hooks, per_metric, i, num_units=6, num_steps=2, seed=0, batch_rows=64)]
+    assert len(again) == len(error_run["rows"])
+    for a, b in zip(again, error_run["rows"]):   # one pass per step instead of passes of 5: same units, losses
         assert (a["sample"], a["step"], a["component"], a["layer"], a["unit"]) == \
                (b["sample"], b["step"], b["component"], b["layer"], b["unit"])
         assert a["delta_loss"] == pytest.approx(b["delta_loss"], abs=1e-5)
+        assert a["predicted"] == pytest.approx(b["predicted"])
     with pytest.raises(SystemExit) as exc:
         attribution_error.main(["--metric_name", "snip", *where])
     assert exc.value.code == 2
