@@ -15,6 +15,7 @@ component (it is what decides a mask: only the order of the scores matters withi
 """
 from __future__ import annotations
 
+import inspect
 import json
 
 import torch
@@ -94,6 +95,8 @@ def removal_losses(model, hooks: SiteHooks, prompt_ids: torch.Tensor, label_ids:
     layout = hooks.layout
     device = next(model.parameters()).device
     name = cache_argument_name(model)
+    # only the last position's logits matter: a 384-token prompt x 262k vocabulary would be 400 MB
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     labels = torch.tensor(label_ids, dtype=torch.long, device=device)
     out, cache = {}, None
     for t in range(max(steps) + 1 if steps else 0):
@@ -107,12 +110,12 @@ def removal_losses(model, hooks: SiteHooks, prompt_ids: torch.Tensor, label_ids:
                 for b, (comp, l, u) in enumerate(chunk, start=1):
                     masks[comp][b, l, u] = 0.0
                 with hooks.settings(masks=masks):
-                    logits = model(**forward_kwargs(name, step_input.expand(B, -1),
-                                                    repeated_cache(cache, B))).logits[:, -1].float()
+                    logits = model(**forward_kwargs(name, step_input.expand(B, -1), repeated_cache(cache, B)),
+                                   **last).logits[:, -1].float()
                 losses = F.cross_entropy(logits, labels[t:t + 1].expand(B), reduction="none").double()
                 for b, (comp, l, u) in enumerate(chunk, start=1):
                     out[(t, comp, l, u)] = (float(losses[b] - losses[0]), float(losses[0]))
-        cache = output_cache(model(**forward_kwargs(name, step_input, cache)))   # the dense step t
+        cache = output_cache(model(**forward_kwargs(name, step_input, cache), **last))   # the dense step t
         detach_cache_(cache)
     return out
 

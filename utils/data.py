@@ -150,7 +150,7 @@ def load_samples(dataset: str, num_data: int | None = None) -> list[Sample]:
         path = Path(dataset)
         if not path.is_file():
             raise PipelineError(f"unknown dataset {dataset!r}: use {HUB_TRUTHFULQA}, {OFFLINE_TRUTHFULQA}, "
-                                f"{XSUM}, or the path of a .json/.jsonl/.csv file")
+                                f"or the path of a .json/.jsonl/.csv file ({XSUM} for summarization)")
         rows, source = _read_local(path), str(path)
     if num_data is not None:
         if num_data < 1:
