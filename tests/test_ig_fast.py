@@ -100,3 +100,21 @@ def test_progress_counts_every_step_once():
     Attributor(tiny_llama()).score_sample(prompt, label, ig_steps=2, ig_batch_size=30,
                                           on_step=lambda: ticks.append(1))
     assert len(ticks) == 5
+
+
+def test_packed_pass_respects_the_position_budget():
+    """A packed row costs its one position plus its cache slots weighted by the cache weight: with a
+    budget of 40 every pass holds at most 40 // (1 + w * longest prefix) elements (plus its dense rows),
+    and all 3 later steps x 18 elements are computed."""
+    from conftest import tiny_llama
+    model = tiny_llama()
+    prompt, label = random_sample(47, prompt_len=6, label_len=4)
+    att = Attributor(model)
+    w = att._cache_weight()
+    assert 0 < w < 1
+    _, sizes = passes_of(model, lambda: att.score_sample(prompt, label, gradients=False, ig_steps=3,
+                                                         ig_batch_size=40))
+    packed = [s[0] for s in sizes if s[1] == 1 and s[0] > 1]
+    most = int(40 // (1 + w * 6))
+    assert all(r - 2 <= most for r in packed)
+    assert sum(packed) >= 3 * 18 and len(packed) >= 54 / (most + 2)

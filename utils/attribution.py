@@ -83,6 +83,7 @@ class Attributor:
         self.layout = self.hooks.layout
         self._cache_name = cache_argument_name(model)
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._budget_cap = None      # automatic IG budget after an out-of-memory retry
 
     def close(self) -> None:
         """Remove the hooks this attributor put on the model."""
@@ -301,6 +302,8 @@ class Attributor:
         (activations every layer saves per position, twice for temporaries, and a row's logits); elsewhere :data:`DEFAULT_POSITION_BUDGET`."""
         if requested:
             return int(requested)
+        if self._budget_cap is not None:          # an earlier pass ran out of memory at a larger one
+            return self._budget_cap
         device = next(self.model.parameters()).device
         if device.type != "cuda":
             return DEFAULT_POSITION_BUDGET
@@ -394,6 +397,7 @@ class Attributor:
         labels = torch.tensor(label_ids, dtype=torch.long, device=device)
         hd = self.layout.head_dim
         P, T = prompt_ids.shape[1], len(label_ids)
+        auto_budget = ig_steps and not ig_batch_size
         if ig_steps:
             ig_batch_size = self.position_budget(ig_batch_size)
         steps: list[dict] = []
@@ -402,7 +406,24 @@ class Attributor:
                    if step_mode == "batched" and label_ids else None)
         precomputed = None
         if ig_steps and ig_packed and T > 1 and self.can_pack_ig(P, T):
-            precomputed = self._packed_sample(prompt_ids, labels, gradients, ig_steps, ig_batch_size, on_step)
+            ticked = [0]                       # progress already reported (a retry does not repeat it)
+
+            def tick():
+                ticked[0] += 1
+                if on_step is not None and ticked[0] > done_before:
+                    on_step()
+            done_before = 0
+            while True:
+                done_before, ticked[0] = max(done_before, ticked[0]), 0
+                try:
+                    precomputed = self._packed_sample(prompt_ids, labels, gradients, ig_steps, ig_batch_size, tick)
+                    break
+                except torch.OutOfMemoryError:
+                    # the automatic budget is an estimate: halve it for this and later samples
+                    if not auto_budget or ig_batch_size <= DEFAULT_POSITION_BUDGET:
+                        raise
+                    torch.cuda.empty_cache()
+                    ig_batch_size = self._budget_cap = ig_batch_size // 2
         for t in range(T):
             ig = None
             if precomputed is not None:
