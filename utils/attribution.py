@@ -16,6 +16,18 @@ of row 0 (detached: its gradient is only needed from its site upward).  Layer l 
 layer, and each backward stops at its element's layer.  ``ig_batch_size`` bounds the token positions a
 pass computes (memory): the prompt step fits ``ig_batch_size // prompt length`` elements in a pass.
 
+Steps t >= 1 compute one position each, so one step per pass leaves a GPU idle on per-pass overhead.
+By default (``ig_packed``) the dense steps run first and their final KV cache is kept; the elements of
+all later steps are then packed into as few passes as the budget allows, several steps per pass.  Each
+step in a pass has its own dense row; each row carries its step's cache prefix (the first P+t-1
+positions of the final cache, bit for bit what step t ran against), left-padded to the pass's longest
+prefix, with a 2D attention mask over the pad slots and ``position_ids = P-1+t``: cached keys already
+carry their rotary positions, so where a prefix sits in the array changes nothing, and a masked slot
+adds exactly zero to attention.  A row then costs its one position plus its cache slots, weighted by
+what a cached position holds in memory relative to a computed one (``_cache_weight``).  Sliding-window
+layers drop old positions and would count pad slots, so a sequence longer than the window keeps the
+one-step-per-pass path.  ``ig_batch_size=None`` picks the budget from free CUDA memory.
+
 ``step_mode="batched"`` computes gradient, GxO and magnitudes of all steps of a sample as one batch
 instead (no integrated gradients): element t is the whole teacher-forced sequence prompt + label[:T-1]
 with its probe and loss at position P-1+t (``step_batch_size // (P+T-1)`` elements per pass).
