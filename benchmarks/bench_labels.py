@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.data import load_samples  # noqa: E402
 from utils.generation import dense_label  # noqa: E402
-from utils.labels import LABEL_BATCH_SIZE, greedy_labels  # noqa: E402
+from utils.labels import greedy_labels, label_batch_size  # noqa: E402
 from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
 from utils.prompts import prompt_ids, resolve_prompt_format  # noqa: E402
 
@@ -42,7 +42,8 @@ def main():
     p.add_argument("--num_data", type=int, default=NUM_DATA)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch_size", type=int, nargs="+", default=[LABEL_BATCH_SIZE])
+    p.add_argument("--batch_size", type=int, nargs="+", default=[None],
+                   help="samples per batch (default: the device default, utils/labels.py); 1 outside fp32")
     p.add_argument("--skip_batch_one", action="store_true", help="time only the batched decoder")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -66,6 +67,7 @@ def main():
         rows["batch 1 (generate)"] = {"seconds": time.perf_counter() - t0, "tokens": sum(map(len, reference))}
     mismatches = {}
     for bs in args.batch_size:
+        bs = label_batch_size(model, bs)
         sync(device)
         t0 = time.perf_counter()
         got = greedy_labels(model, prompts, budgets, eos, tok.pad_token_id, batch_size=bs)

@@ -64,12 +64,17 @@ def run_mode(att, model, device, samples, **kwargs):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = [att.score_sample(p, lab, **kwargs) for p, lab in samples]
     sync(device)
     seconds = time.perf_counter() - start
     counter.handle.remove()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:   # a shared CPU: report process CPU seconds too (less sensitive to other load than wall time)
+        peak = None
+        print(f"  {len(samples)} samples: wall {seconds:.1f} s, process CPU {time.process_time() - cpu:.1f} s",
+              flush=True)
     return seconds, counter.n, out, peak
 
 
@@ -105,7 +110,7 @@ def main():
     sync(device)
     t0 = time.perf_counter()
     labels = greedy_labels(model, prompts, budgets, eos_token_ids(model, tok), tok.pad_token_id,
-                           batch_size=label_batch_size(model, 32))
+                           batch_size=label_batch_size(model))
     sync(device)
     labels_s = time.perf_counter() - t0
     samples = [(torch.tensor([q], device=device), lab) for q, lab in zip(prompts, labels)]

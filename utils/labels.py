@@ -19,14 +19,20 @@ import torch
 
 from .kv_cache import cache_argument_name, forward_kwargs, map_cache_, output_cache
 
-LABEL_BATCH_SIZE = 16   # samples decoded together; enough to hide per-step overhead of a small model
+LABEL_BATCH_SIZE = 16        # samples decoded together on a CPU (the arithmetic grows with the batch there)
+CUDA_LABEL_BATCH_SIZE = 64   # on a GPU a step costs about the same for 1 or 64 rows: decode many at once
 
 
-def label_batch_size(model, requested: int = LABEL_BATCH_SIZE) -> int:
-    """Batch only in fp32: in bf16/fp16 a padded, batched pass rounds differently enough to change greedy
-    tokens, and labels must equal batch-1 greedy decoding, so those dtypes decode one sample at a time."""
-    dtype = next(model.parameters()).dtype
-    return max(1, int(requested)) if dtype == torch.float32 else 1
+def label_batch_size(model, requested: int | None = None) -> int:
+    """Samples decoded per batch: ``requested``, else the device's default; always 1 outside fp32, where a
+    padded, batched pass rounds differently enough to change greedy tokens (labels must equal batch-1
+    greedy decoding, so bf16/fp16 labels decode one sample at a time)."""
+    param = next(model.parameters())
+    if param.dtype != torch.float32:
+        return 1
+    if requested:
+        return max(1, int(requested))
+    return CUDA_LABEL_BATCH_SIZE if param.device.type == "cuda" else LABEL_BATCH_SIZE
 
 
 def _sliding_window(model) -> int | None:
@@ -43,11 +49,12 @@ def _sliding_window(model) -> int | None:
 def greedy_labels(model, prompts: list[list[int]], budgets: list[int], eos_ids, pad_id: int | None, *,
                   batch_size: int = LABEL_BATCH_SIZE) -> list[list[int]]:
     """Greedy continuation of every prompt (at most ``budgets[i]`` new tokens, EOS and after removed),
-    decoded ``batch_size`` prompts at a time; the result is in the order of ``prompts``."""
+    decoded ``batch_size`` prompts at a time (one at a time outside fp32); in the order of ``prompts``."""
     if len(prompts) != len(budgets):
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
+    batch_size = label_batch_size(model, batch_size)     # 1 outside fp32 (see there)
     out: list[list[int]] = [[] for _ in prompts]
     todo = [i for i in range(len(prompts)) if budgets[i] > 0]
     # similar lengths together: less padding, and the batch's budgets end at similar times
