@@ -17,7 +17,7 @@ layer, and each backward stops at its element's layer.  ``ig_batch_size`` bounds
 pass computes (memory): the prompt step fits ``ig_batch_size // prompt length`` elements in a pass.
 
 Steps t >= 1 compute one position each, so one step per pass leaves a GPU idle on per-pass overhead.
-By default (``ig_packed``) the dense steps run first and their final KV cache is kept; the elements of
+On CUDA (``ig_packed``) the dense steps run first and their final KV cache is kept; the elements of
 all later steps are then packed into as few passes as the budget allows, several steps per pass.  Each
 step in a pass has its own dense row; each row carries its step's cache prefix (the first P+t-1
 positions of the final cache, bit for bit what step t ran against), left-padded to the pass's longest
@@ -386,7 +386,7 @@ class Attributor:
     def score_sample(self, prompt_ids: torch.Tensor, label_ids: list[int], *, gradients: bool = True,
                      ig_steps: int = 0, ig_batch_size: int | None = DEFAULT_POSITION_BUDGET, on_step=None,
                      step_mode: str = "cached", step_batch_size: int = DEFAULT_POSITION_BUDGET,
-                     ig_packed: bool = True) -> dict:
+                     ig_packed: bool | None = None) -> dict:
         """Scores for every step of one sample.
 
         Returns a dict of float32 CPU tensors: ``magnitude_{attention,mlp}`` ``[T, L, units]``, and when
@@ -395,8 +395,9 @@ class Attributor:
         steps as one batch; not with IG) or ``auto`` (batched on CUDA).  ``ig_batch_size`` and
         ``step_batch_size`` bound the token positions one forward/backward pass computes (memory); a
         cached position held by an IG row counts as ``_cache_weight()`` of one.  ``ig_batch_size=None``
-        chooses it from free device memory (:meth:`position_budget`).  ``ig_packed`` (default) runs the IG
-        elements of several steps per pass (:meth:`_packed_ig_steps`); False: one step per pass.
+        chooses it from free device memory (:meth:`position_budget`).  ``ig_packed`` runs the IG elements of
+        several steps per pass (:meth:`_packed_ig_steps`); False: one step per pass; None (default):
+        packed on CUDA only (on a CPU it measured no faster: the arithmetic, not the pass count, bounds it).
         """
         device = next(self.model.parameters()).device
         if step_mode not in STEP_MODES:
@@ -417,6 +418,8 @@ class Attributor:
         batched = (self._batched_steps(prompt_ids, labels, gradients, step_batch_size)
                    if step_mode == "batched" and label_ids else None)
         precomputed = None
+        if ig_packed is None:   # packing saves passes, which a GPU pays for; a CPU pays for arithmetic
+            ig_packed = device.type == "cuda"
         if ig_steps and ig_packed and T > 1 and self.can_pack_ig(P, T):
             ticked = [0]                       # progress already reported (a retry does not repeat it)
 
