@@ -116,7 +116,8 @@ def main():
     samples = [(torch.tensor([q], device=device), lab) for q, lab in zip(prompts, labels)]
     tokens = sum(map(len, labels))
     att = Attributor(model)
-    run_mode(att, model, device, samples[:1], gradients=False, ig_steps=2)          # warm-up
+    run_mode(att, model, device, samples[:1], gradients=False, ig_steps=2, ig_batch_size=args.batch_size,
+             ig_packed=True)   # warm-up
     table, res = [], {}
 
     def add(name, seconds, passes, peak, n_samples, note=""):
@@ -133,7 +134,8 @@ def main():
                                                ig_packed=False)
     add(f"IG-{args.ig_steps} old (per step, {args.old_batch_size})", s_old, n_old, peak_old, k_old)
     s_new, n_new, out_new, peak_new = run_mode(att, model, device, samples, gradients=False,
-                                               ig_steps=args.ig_steps, ig_batch_size=args.batch_size)
+                                               ig_steps=args.ig_steps, ig_batch_size=args.batch_size,
+                                               ig_packed=True)
     budget = att.position_budget(args.batch_size)
     err = max(rel_err(out_new[:k_old], out_old, f"ig_{c}") for c in ("attention", "mlp"))
     add(f"IG-{args.ig_steps} new (packed, {budget})", s_new, n_new, peak_new, len(samples),
@@ -156,7 +158,7 @@ def main():
                                                         if device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             run_mode(att, model, device, samples[:args.profile], gradients=False, ig_steps=args.ig_steps,
-                     ig_batch_size=args.batch_size)
+                     ig_batch_size=args.batch_size, ig_packed=True)
         key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
     if args.json:
