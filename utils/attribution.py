@@ -310,8 +310,8 @@ class Attributor:
         return [(xs, grads, ig[t]) for t, (xs, grads) in enumerate(dense)]
 
     def position_budget(self, requested: int | None = None) -> int:
-        """Token positions per IG pass: ``requested`` if given; on CUDA, what half the free memory holds
-        (activations every layer saves per position, twice for temporaries, and a row's logits); elsewhere :data:`DEFAULT_POSITION_BUDGET`."""
+        """Token positions per IG pass: ``requested`` if given; on CUDA, what 60% of the free memory holds
+        (the activations every layer saves per position, and a row's logits); elsewhere :data:`DEFAULT_POSITION_BUDGET`."""
         if requested:
             return int(requested)
         if self._budget_cap is not None:          # an earlier pass ran out of memory at a larger one
@@ -323,9 +323,10 @@ class Attributor:
         elt = next(self.model.parameters()).element_size()
         act = 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        per_position = lay.num_layers * act * elt * 2 + 4 * vocab * 4
+        per_position = lay.num_layers * act * elt + 4 * vocab * 4
         free, _ = torch.cuda.mem_get_info(device)
-        return max(DEFAULT_POSITION_BUDGET, int(0.5 * free / per_position))
+        # an overestimate already (frozen weights save fewer activations); an out-of-memory pass halves it
+        return max(DEFAULT_POSITION_BUDGET, int(0.6 * free / per_position))
 
     def _cache_weight(self) -> float:
         """Memory of one cached position relative to one computed position of a backward pass: keys and
