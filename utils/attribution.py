@@ -16,6 +16,18 @@ of row 0 (detached: its gradient is only needed from its site upward).  Layer l 
 layer, and each backward stops at its element's layer.  ``ig_batch_size`` bounds the token positions a
 pass computes (memory): the prompt step fits ``ig_batch_size // prompt length`` elements in a pass.
 
+Steps t >= 1 compute one position each, so one step per pass leaves a GPU idle on per-pass overhead.
+On CUDA (``ig_packed``) the dense steps run first and their final KV cache is kept; the elements of
+all later steps are then packed into as few passes as the budget allows, several steps per pass.  Each
+step in a pass has its own dense row; each row carries its step's cache prefix (the first P+t-1
+positions of the final cache, bit for bit what step t ran against), left-padded to the pass's longest
+prefix, with a 2D attention mask over the pad slots and ``position_ids = P-1+t``: cached keys already
+carry their rotary positions, so where a prefix sits in the array changes nothing, and a masked slot
+adds exactly zero to attention.  A row then costs its one position plus its cache slots, weighted by
+what a cached position holds in memory relative to a computed one (``_cache_weight``).  Sliding-window
+layers drop old positions and would count pad slots, so a sequence longer than the window keeps the
+one-step-per-pass path.  ``ig_batch_size=None`` picks the budget from free CUDA memory.
+
 ``step_mode="batched"`` computes gradient, GxO and magnitudes of all steps of a sample as one batch
 instead (no integrated gradients): element t is the whole teacher-forced sequence prompt + label[:T-1]
 with its probe and loss at position P-1+t (``step_batch_size // (P+T-1)`` elements per pass).
@@ -32,10 +44,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import cache_argument_name, detach_cache_, forward_kwargs, output_cache, repeated_cache
+from .kv_cache import (cache_argument_name, detach_cache_, forward_kwargs, mapped_cache, output_cache,
+                       repeated_cache)
 from .sites import ATTN, COMPONENTS, SiteHooks
 
 SCORE_METRICS = ("gradient", "gxo", "ig")
+DEFAULT_POSITION_BUDGET = 2048   # token positions per pass where free memory cannot be asked (CPU)
 STEP_MODES = ("auto", "cached", "batched")
 
 
@@ -81,6 +95,7 @@ class Attributor:
         self.layout = self.hooks.layout
         self._cache_name = cache_argument_name(model)
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._budget_cap = None      # automatic IG budget after an out-of-memory retry
 
     def close(self) -> None:
         """Remove the hooks this attributor put on the model."""
@@ -115,16 +130,34 @@ class Attributor:
         return xs, grads, cache
 
     @contextlib.contextmanager
-    def _staggered_rows(self, rows: list[int]):
+    def _staggered_rows(self, rows: list[int], source: torch.Tensor | None = None, full: int | None = None):
         """While active, decoder layer l runs ``rows[l]`` batch rows: the rows it lacks join as copies of
-        row 0 (the dense row), detached, so nothing flows back below the layer where a row joined."""
+        their dense row (row ``source[r]``; default row 0), detached, so nothing flows back below the layer
+        where a row joined.  Per-row block arguments built for all ``full`` rows (attention mask, position
+        ids, rotary tables of the packed IG pass) are cut to the rows the layer runs."""
+        def cut(value, n):
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == full:
+                return value[:n]
+            if isinstance(value, tuple) and any(torch.is_tensor(v) for v in value):
+                return tuple(cut(v, n) for v in value)
+            return value
+
         def grow(layer: int):
             def hook(module, args, kwargs):
                 h = args[0] if args else kwargs["hidden_states"]
-                missing = rows[layer] - h.shape[0]
-                if missing <= 0:
+                n = rows[layer]
+                missing = n - h.shape[0]
+                if missing == 0 and (full is None or n == full):
                     return None
-                h = torch.cat([h, h[:1].detach().expand(missing, *h.shape[1:])])
+                if missing < 0:     # the packed pass embeds all rows; the first layer runs the dense ones
+                    h = h[:n]
+                elif source is None:
+                    h = torch.cat([h, h[:1].detach().expand(missing, *h.shape[1:])])
+                elif missing > 0:
+                    h = torch.cat([h, h.detach().index_select(0, source[h.shape[0]:n])])
+                if full is not None and n < full:
+                    args = tuple(cut(a, n) for a in args)
+                    kwargs = {k: cut(v, n) for k, v in kwargs.items()}
                 if args:
                     return (h,) + tuple(args[1:]), kwargs
                 return args, {**kwargs, "hidden_states": h}
@@ -173,6 +206,152 @@ class Attributor:
             del batch_cache
         return {key: value / n_steps for key, value in sums.items()}
 
+    def _packed_ig_steps(self, prompt_len: int, labels, cache, n_steps: int, budget: int, on_token=None) -> dict:
+        """IG of steps t = 1..T-1, several steps' elements per pass: ``{t: {(comp, l): mean_k g}}``.
+
+        ``cache`` is the sample's dense cache after its last step (P+T-1 positions); the cache step t ran
+        against is its first P+t-1 positions, exactly (the cache only grows).  A pass holds one dense row
+        per step it covers plus that step's elements (``(comp, layer, k)``), staggered by layer as in
+        ``_ig_step``.  Each row gets its own step's cache prefix, left-padded to the pass's longest one; a
+        2D attention mask hides the pad slots and ``position_ids = P-1+t`` places the new token (cached
+        keys already carry their rotary positions, so where a prefix sits in the array does not matter).
+        A row's cost is its one position plus its cache slots weighted by ``_cache_weight``."""
+        L, T, device = self.layout.num_layers, labels.shape[0], labels.device
+        weight = self._cache_weight()
+        elements = [(t, c, l, k) for t in range(1, T) for l in range(L) for c in COMPONENTS
+                    for k in range(1, n_steps + 1)]
+        chunks, current, cost = [], [], 0.0
+        for e in elements:
+            row_cost = 1.0 + weight * (prompt_len + e[0] - 1)
+            if current and cost + row_cost > budget:
+                chunks.append(current)
+                current, cost = [], 0.0
+            current.append(e)
+            cost += row_cost
+        if current:
+            chunks.append(current)
+        last_of = {}                        # the chunk that finishes each step (progress)
+        for i, chunk in enumerate(chunks):
+            for e in chunk:
+                last_of[e[0]] = i
+        sums = {t: {} for t in range(1, T)}
+        for i, chunk in enumerate(chunks):
+            steps = sorted({e[0] for e in chunk})
+            K = len(steps)
+            index = {t: j for j, t in enumerate(steps)}
+            chunk = sorted(chunk, key=lambda e: (e[2], e[0], COMPONENTS.index(e[1]), e[3]))  # by layer
+            B = len(chunk)
+            rows = [K + sum(1 for e in chunk if e[2] <= l) for l in range(L)]
+            src = torch.tensor(list(range(K)) + [index[e[0]] for e in chunk], device=device)
+            step_of_row = torch.tensor(steps, device=device)[src]                     # t of each row
+            width = prompt_len + steps[-1] - 1                                        # longest prefix
+            pad = width - (prompt_len + step_of_row - 1)                              # pad slots per row
+            mask = (torch.arange(width + 1, device=device)[None] >= pad[:, None]).long()
+            ids = labels[step_of_row - 1][:, None]
+            positions = (prompt_len - 1 + step_of_row)[:, None]
+            scales = {c: torch.ones(K + B, L) for c in COMPONENTS}
+            for b, (_, c, l, k) in enumerate(chunk):
+                scales[c][K + b, l] = k / n_steps
+            scales = {c: s.to(device) for c, s in scales.items()}
+            lengths = [prompt_len + t - 1 for t in steps]
+
+            def prefixes(t, layer):
+                # [K, ..., width, d]: step j's prefix right-aligned, zeros (masked) before it
+                base = t.new_zeros((K,) + tuple(t.shape[1:-2]) + (width, t.shape[-1]))
+                for j, n in enumerate(lengths):
+                    base[j, ..., width - n:, :] = t[0, ..., :n, :]
+                return base.index_select(0, src[:rows[layer]])
+
+            batch_cache = mapped_cache(cache, prefixes)
+            kwargs = forward_kwargs(self._cache_name, ids, batch_cache)
+            kwargs.update(attention_mask=mask, position_ids=positions)
+            if self._keep_last:
+                kwargs["logits_to_keep"] = 1
+            with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True), \
+                    self._staggered_rows(rows, source=src, full=K + B):
+                logits = self.model(**kwargs).logits[:, -1].float()
+                targets = labels[step_of_row[K:]]
+                loss = F.cross_entropy(logits[K:], targets, reduction="sum")
+                sites = sorted({(c, l) for _, c, l, _ in chunk})
+                grads = torch.autograd.grad(loss, [self.hooks.probes[c][l] for c, l in sites])
+            del batch_cache
+            # each site's rows summed per step with one index_add
+            members = {}
+            for b, (t, c, l, _) in enumerate(chunk):
+                members.setdefault((c, l), []).append(b)
+            for (c, l), g in zip(sites, grads):
+                bs = members[(c, l)]
+                row_idx = torch.tensor([K + b for b in bs], device=device)
+                slot = torch.tensor([index[chunk[b][0]] for b in bs], device=device)
+                part = g.new_zeros(K, g.shape[-1], dtype=torch.float32)
+                part.index_add_(0, slot, g.index_select(0, row_idx).float())
+                for t in sorted({chunk[b][0] for b in bs}):
+                    acc = sums[t]
+                    acc[(c, l)] = acc[(c, l)] + part[index[t]] if (c, l) in acc else part[index[t]]
+            if on_token is not None:
+                for t in steps:
+                    if last_of[t] == i:
+                        on_token(t)
+        return {t: {key: v / n_steps for key, v in site.items()} for t, site in sums.items()}
+
+    def _packed_sample(self, prompt_ids, labels, gradients, ig_steps, budget, on_step):
+        """Dense steps first (their cache is the one every IG pass reuses), then IG of step 0 (the prompt)
+        and of all later steps packed: ``[(xs, grads, ig)]`` per step."""
+        cache, dense = None, []
+        for t in range(labels.shape[0]):
+            step_input = prompt_ids if t == 0 else labels[t - 1:t].view(1, 1)
+            xs, grads, cache = self._dense_step(step_input, labels[t:t + 1], cache, with_grad=gradients)
+            dense.append((xs, grads))
+        tick = (lambda _t: on_step()) if on_step is not None else None
+        ig = {0: self._ig_step(prompt_ids, labels[0:1], None, ig_steps, budget)}
+        if tick is not None:
+            tick(0)
+        ig.update(self._packed_ig_steps(prompt_ids.shape[1], labels, cache, ig_steps, budget, on_token=tick))
+        return [(xs, grads, ig[t]) for t, (xs, grads) in enumerate(dense)]
+
+    def position_budget(self, requested: int | None = None) -> int:
+        """Token positions per IG pass: ``requested`` if given; on CUDA, what 60% of the free memory holds
+        (the activations every layer saves per position, and a row's logits); elsewhere :data:`DEFAULT_POSITION_BUDGET`."""
+        if requested:
+            return int(requested)
+        if self._budget_cap is not None:          # an earlier pass ran out of memory at a larger one
+            return self._budget_cap
+        device = next(self.model.parameters()).device
+        if device.type != "cuda":
+            return DEFAULT_POSITION_BUDGET
+        lay = self.layout
+        elt = next(self.model.parameters()).element_size()
+        act = 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        per_position = lay.num_layers * act * elt + 4 * vocab * 4
+        free, _ = torch.cuda.mem_get_info(device)
+        # an overestimate already (frozen weights save fewer activations); an out-of-memory pass halves it
+        return max(DEFAULT_POSITION_BUDGET, int(0.6 * free / per_position))
+
+    def _cache_weight(self) -> float:
+        """Memory of one cached position relative to one computed position of a backward pass: keys and
+        values (stored, copied by the cache update, expanded to every query head) against the activations
+        a layer saves per position (about 4 hidden, 3 intermediate and 2 attention widths)."""
+        lay = self.layout
+        kv = 2 * lay.num_kv_heads * lay.head_dim * 2 + 2 * lay.num_heads * lay.head_dim
+        act = 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
+        return kv / act
+
+    def _sliding_window(self) -> int | None:
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None)
+        if window is None or (types is not None and "sliding_attention" not in types):
+            return None
+        return int(window)
+
+    def can_pack_ig(self, prompt_len: int, label_len: int) -> bool:
+        """Packed IG needs the whole sequence in every layer's cache, unpadded positions intact: a
+        sliding-window layer drops old positions and counts pad slots, so a sequence longer than the
+        window keeps the one-step-per-pass path."""
+        window = self._sliding_window()
+        return window is None or prompt_len + label_len <= window
+
     def _batched_steps(self, prompt_ids, labels, with_grad: bool, batch_size: int):
         """x (and g) at every step's position, all steps teacher-forced as batch elements.
 
@@ -206,15 +385,20 @@ class Attributor:
 
     # -- one sample -------------------------------------------------------------------------------
     def score_sample(self, prompt_ids: torch.Tensor, label_ids: list[int], *, gradients: bool = True,
-                     ig_steps: int = 0, ig_batch_size: int = 2048, on_step=None, step_mode: str = "cached",
-                     step_batch_size: int = 2048) -> dict:
+                     ig_steps: int = 0, ig_batch_size: int | None = DEFAULT_POSITION_BUDGET, on_step=None,
+                     step_mode: str = "cached", step_batch_size: int = DEFAULT_POSITION_BUDGET,
+                     ig_packed: bool | None = None) -> dict:
         """Scores for every step of one sample.
 
         Returns a dict of float32 CPU tensors: ``magnitude_{attention,mlp}`` ``[T, L, units]``, and when
         ``gradients``: ``gradient_*``, ``gxo_*`` and ``grad_norm_*`` (``[T, L]``); when ``ig_steps``:
         ``ig_*``.  ``step_mode``: ``cached`` (one token per pass against the KV cache), ``batched`` (all
         steps as one batch; not with IG) or ``auto`` (batched on CUDA).  ``ig_batch_size`` and
-        ``step_batch_size`` bound the token positions one forward/backward pass computes (memory).
+        ``step_batch_size`` bound the token positions one forward/backward pass computes (memory); a
+        cached position held by an IG row counts as ``_cache_weight()`` of one.  ``ig_batch_size=None``
+        chooses it from free device memory (:meth:`position_budget`).  ``ig_packed`` runs the IG elements of
+        several steps per pass (:meth:`_packed_ig_steps`); False: one step per pass; None (default):
+        packed on CUDA only (on a CPU it measured no faster: the arithmetic, not the pass count, bounds it).
         """
         device = next(self.model.parameters()).device
         if step_mode not in STEP_MODES:
@@ -226,13 +410,41 @@ class Attributor:
         prompt_ids = prompt_ids.to(device)
         labels = torch.tensor(label_ids, dtype=torch.long, device=device)
         hd = self.layout.head_dim
+        P, T = prompt_ids.shape[1], len(label_ids)
+        auto_budget = ig_steps and not ig_batch_size
+        if ig_steps:
+            ig_batch_size = self.position_budget(ig_batch_size)
         steps: list[dict] = []
         cache = None
         batched = (self._batched_steps(prompt_ids, labels, gradients, step_batch_size)
                    if step_mode == "batched" and label_ids else None)
-        for t in range(len(label_ids)):
+        precomputed = None
+        if ig_packed is None:   # packing saves passes, which a GPU pays for; a CPU pays for arithmetic
+            ig_packed = device.type == "cuda"
+        if ig_steps and ig_packed and T > 1 and self.can_pack_ig(P, T):
+            ticked = [0]                       # progress already reported (a retry does not repeat it)
+
+            def tick():
+                ticked[0] += 1
+                if on_step is not None and ticked[0] > done_before:
+                    on_step()
+            done_before = 0
+            while True:
+                done_before, ticked[0] = max(done_before, ticked[0]), 0
+                try:
+                    precomputed = self._packed_sample(prompt_ids, labels, gradients, ig_steps, ig_batch_size, tick)
+                    break
+                except torch.OutOfMemoryError:
+                    # the automatic budget is an estimate: halve it for this and later samples
+                    if not auto_budget or ig_batch_size <= DEFAULT_POSITION_BUDGET:
+                        raise
+                    torch.cuda.empty_cache()
+                    ig_batch_size = self._budget_cap = ig_batch_size // 2
+        for t in range(T):
             ig = None
-            if batched is not None:
+            if precomputed is not None:
+                xs, grads, ig = precomputed[t]
+            elif batched is not None:
                 xs, grads = batched[t]
             else:
                 step_input = prompt_ids if t == 0 else labels[t - 1:t].view(1, 1)
@@ -249,7 +461,7 @@ class Attributor:
                     row[f"ig_{c}"] = torch.stack([ig_from_gradients(c, xs[c][l][0], ig[(c, l)], hd)
                                                   for l in range(self.layout.num_layers)])
             steps.append(row)
-            if on_step is not None:
+            if on_step is not None and precomputed is None:
                 on_step()
         if not steps:  # an empty label (the model stopped at once): zero steps, same layout
             return self._empty(gradients, ig_steps)

@@ -73,3 +73,32 @@ def repeated_cache(cache, batch):
     counts = batch if isinstance(batch, (list, tuple)) else None
     map_cache_(new, lambda t, i: t.detach().repeat_interleave(batch if counts is None else counts[i], dim=0))
     return new
+
+
+def mapped_cache(cache, fn):
+    """A new cache of the same kind whose layer ``i`` holds ``fn(t, i)`` for each key and value tensor ``t``
+    of ``cache`` (the original is left as it is).  IG's packed passes build each row's own cache prefix."""
+    new = cache.__class__.__new__(cache.__class__)
+    new.__dict__.update(cache.__dict__)
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        new.layers = []
+        for layer in layers:
+            copy = layer.__class__.__new__(layer.__class__)
+            copy.__dict__.update(layer.__dict__)
+            new.layers.append(copy)
+    else:
+        new.key_cache, new.value_cache = list(cache.key_cache), list(cache.value_cache)
+    map_cache_(new, fn)
+    for layer in getattr(new, "layers", None) or []:
+        # sliding-window layers count the positions seen; fn may change the length (untruncated caches only)
+        if hasattr(layer, "cumulative_length") and torch.is_tensor(getattr(layer, "keys", None)):
+            layer.cumulative_length = int(layer.keys.shape[-2])
+    return new
+
+
+def cache_length(cache) -> int:
+    """Positions held by the cache (its first layer's key tensor)."""
+    layers = getattr(cache, "layers", None)
+    keys = layers[0].keys if layers is not None else cache.key_cache[0]
+    return int(keys.shape[-2])

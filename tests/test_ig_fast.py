@@ -1,0 +1,131 @@
+"""Packed integrated gradients (several generation steps' IG elements per pass, each row with its own
+left-padded cache prefix) equal the one-step-per-pass path and the naive per-layer loop (METHOD §3)."""
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_gemma
+from utils.attribution import Attributor
+from utils.reference import reference_scores
+
+RTOL = 1e-4
+
+
+def assert_close(fast, slow, name):
+    assert fast.shape == slow.shape, name
+    err = ((fast - slow).abs().max() / slow.abs().max().clamp_min(1e-12)).item()
+    assert err < RTOL, f"{name}: relative error {err:.2e}"
+
+
+def random_sample(seed, prompt_len, label_len):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, VOCAB, (1, prompt_len), generator=g)
+    return prompt, torch.randint(0, VOCAB, (label_len,), generator=g).tolist()
+
+
+def passes_of(model, fn):
+    """Run ``fn`` counting the forward passes of ``model`` and their batch sizes."""
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: sizes.append(k["input_ids"].shape), with_kwargs=True)
+    try:
+        return fn(), sizes
+    finally:
+        handle.remove()
+
+
+def test_packed_ig_matches_per_step_path_and_naive_loop(arch_model):
+    """Budget 5: a pass holds part of one step; 40: parts of two steps; 100000: every later step at once."""
+    _, model = arch_model
+    prompt, label = random_sample(31, prompt_len=6, label_len=4)
+    att = Attributor(model)
+    slow = reference_scores(model, prompt, label, ig_steps=3, gradients=False)
+    for budget in (5, 40, 100_000):
+        packed, sizes = passes_of(model, lambda: att.score_sample(prompt, label, ig_steps=3, gradients=False,
+                                                                  ig_batch_size=budget, ig_packed=True))
+        per_step = att.score_sample(prompt, label, ig_steps=3, gradients=False, ig_batch_size=budget,
+                                    ig_packed=False)
+        assert set(packed) == set(per_step) == set(slow)
+        for key in slow:
+            assert_close(packed[key], slow[key], f"packed {key} (budget {budget})")
+            assert_close(per_step[key], slow[key], f"per-step {key} (budget {budget})")
+        assert packed["ig_attention"].abs().min() > 0
+        if budget == 100_000:   # 4 dense steps, the prompt's IG pass, then ONE pass for all later steps
+            one_token = [s for s in sizes if s[1] == 1 and s[0] > 1]
+            assert len(one_token) == 1 and one_token[0][0] == 3 + 3 * 2 * 3 * 3   # 3 dense rows + 3 x 18
+
+
+def test_packed_ig_keeps_gradient_and_gxo(arch_model):
+    """With IG packed, the dense steps still give the gradient, GxO and norms of the cached path."""
+    _, model = arch_model
+    prompt, label = random_sample(33, prompt_len=5, label_len=3)
+    att = Attributor(model)
+    packed = att.score_sample(prompt, label, ig_steps=1, ig_batch_size=1000, ig_packed=True)
+    plain = att.score_sample(prompt, label)
+    for key in plain:
+        assert_close(packed[key], plain[key], key)
+    for comp in ("attention", "mlp"):   # IG with one step (alpha = 1) is GxO
+        assert_close(packed[f"ig_{comp}"], plain[f"gxo_{comp}"], f"ig-1 vs gxo {comp}")
+
+
+def test_packed_ig_with_sliding_window_layers():
+    """Gemma-3 sliding-window layers: a sequence within the window is packed, a longer one falls back to
+    one step per pass; both equal the naive loop."""
+    prompt, label = random_sample(37, prompt_len=5, label_len=4)
+    for window, packs in ((16, True), (6, False)):
+        model = tiny_gemma(sliding_window=window, seed=2)
+        att = Attributor(model)
+        assert att.can_pack_ig(5, 4) is packs
+        fast, sizes = passes_of(model, lambda: att.score_sample(prompt, label, ig_steps=2, ig_batch_size=10_000,
+                                                                        ig_packed=True))
+        multi_step = [s for s in sizes if s[1] == 1 and s[0] > 1 + 2 * 3 * 2]
+        assert bool(multi_step) is packs
+        slow = reference_scores(model, prompt, label, ig_steps=2, gradients=False)
+        for comp in ("attention", "mlp"):
+            assert_close(fast[f"ig_{comp}"], slow[f"ig_{comp}"], f"window {window} ig_{comp}")
+
+
+def test_packed_ig_on_gpt2():
+    """GPT-2's blocks take the attention mask positionally: the staggered rows must cut it too."""
+    from conftest import tiny_gpt2
+    model = tiny_gpt2()
+    prompt, label = random_sample(41, prompt_len=4, label_len=3)
+    fast = Attributor(model).score_sample(prompt, label, ig_steps=2, ig_batch_size=10_000, ig_packed=True)
+    slow = reference_scores(model, prompt, label, ig_steps=2, gradients=False)
+    for comp in ("attention", "mlp"):
+        assert_close(fast[f"ig_{comp}"], slow[f"ig_{comp}"], f"gpt2 ig_{comp}")
+
+
+def test_progress_counts_every_step_once():
+    from conftest import tiny_llama
+    prompt, label = random_sample(43, prompt_len=4, label_len=5)
+    ticks = []
+    Attributor(tiny_llama()).score_sample(prompt, label, ig_steps=2, ig_batch_size=30, ig_packed=True,
+                                          on_step=lambda: ticks.append(1))
+    assert len(ticks) == 5
+
+
+def test_packed_pass_respects_the_position_budget():
+    """A packed row costs its one position plus its cache slots weighted by the cache weight: with a
+    budget of 40 every pass holds at most 40 // (1 + w * longest prefix) elements (plus its dense rows),
+    and all 3 later steps x 18 elements are computed."""
+    from conftest import tiny_llama
+    model = tiny_llama()
+    prompt, label = random_sample(47, prompt_len=6, label_len=4)
+    att = Attributor(model)
+    w = att._cache_weight()
+    assert 0 < w < 1
+    _, sizes = passes_of(model, lambda: att.score_sample(prompt, label, gradients=False, ig_steps=3,
+                                                         ig_batch_size=40, ig_packed=True))
+    packed = [s[0] for s in sizes if s[1] == 1 and s[0] > 1]
+    most = int(40 // (1 + w * 6))
+    assert all(r - 2 <= most for r in packed)
+    assert sum(packed) >= 3 * 18 and len(packed) >= 54 / (most + 2)
+
+
+def test_packing_is_the_cuda_default(arch_model):
+    """On a CPU (these tests) the default is one step per pass: the pass structure of the per-step path."""
+    _, model = arch_model
+    prompt, label = random_sample(53, prompt_len=4, label_len=3)
+    _, sizes = passes_of(model, lambda: Attributor(model).score_sample(prompt, label, gradients=False, ig_steps=2,
+                                                                       ig_batch_size=10_000))
+    # per later step: its IG pass (one embedded row, the staggered batch grows from it) and its dense pass
+    assert [tuple(s) for s in sizes if s[1] == 1] == [(1, 1)] * 4
