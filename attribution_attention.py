@@ -14,7 +14,8 @@ from utils.steps import compute_scores, validate_score_flags
 
 METRICS = ["gradient", "gxo"]   # any of gradient, gxo, ig
 N_STEPS = 20                    # integrated-gradients steps (alpha_k = k / n)
-BATCH_SIZE = 2048               # token positions per forward/backward (IG, batched steps): lower it if memory runs out
+BATCH_SIZE = None               # token positions per forward/backward (IG, batched steps); None: automatic
+                                # (from free memory on a GPU, 2048 on a CPU); lower it if memory runs out
 STEP_MODE = "auto"              # cached: one token per pass (CPU); batched: all steps of a sample at once (GPU)
 DATASET = "truthfulqa"
 RESULT_DIR = None
@@ -29,7 +30,8 @@ def main(argv=None):
     parser.add_argument("--metric", nargs="+", default=METRICS, help="gradient, gxo and/or ig")
     parser.add_argument("--n_steps", type=int, default=N_STEPS, help="IG steps")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE,
-                        help="token positions one forward/backward computes (IG elements or batched steps are packed up to it)")
+                        help="token positions one forward/backward computes (IG elements or batched steps are packed up to "
+                             "it; default: automatic, from free GPU memory, 2048 on a CPU)")
     parser.add_argument("--step_mode", default=STEP_MODE, choices=STEP_MODES,
                         help="auto: batched for gradient/gxo on CUDA, cached otherwise")
     args = parser.parse_args(argv)

@@ -153,7 +153,7 @@ def test_sweep_before_attribution(run_copy):
     ("attribution_attention.py", ["--metric", "gxo", "shap"], "error: unknown --metric shap; choose from gradient, gxo, ig"),
     ("attribution_attention.py", ["--metric", "ig", "--n_steps", "0"], "error: --n_steps must be at least 1 (got 0)"),
     ("main.py", ["--metric_name", "gxo", "random"],
-     "error: unknown --metric_name random; choose from magnitude, gradient, gxo, snip, cor_gxo, ig or all"),
+     "error: unknown --metric_name random; choose from magnitude, gradient, gxo, snip, cor_gxo, ig, wina or all"),
     ("main.py", ["--mask_layers", "first-ten"], "error: cannot read --mask_layers 'first-ten'; write e.g. 0-23 or 0,2,5-7"),
     ("attribution_attention.py", ["--metric", "ig", "--step_mode", "batched"],
      "error: --step_mode batched does not run integrated gradients; use auto or cached for ig"),

@@ -66,7 +66,7 @@ def test_score_files_equal_one_process(two_runs, path):
 
 def test_sweep_equals_one_process(two_runs):
     single, sharded = (json.loads((d / "res" / "both" / "per_sample.json").read_text()) for d in two_runs)
-    assert len(single) == 5 * 6 * 10
+    assert len(single) == 5 * 7 * 10
     assert sharded == single
     single, sharded = (json.loads((d / "res" / "both" / "results.json").read_text()) for d in two_runs)
     assert sharded["curves"] == single["curves"]

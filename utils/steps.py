@@ -10,7 +10,7 @@ from .attribution import STEP_MODES, Attributor
 from .cli import common_parser, open_run, seed_everything
 from .data import load_samples, samples_fingerprint
 from .errors import PipelineError
-from .generation import dense_label
+from .labels import greedy_labels, label_batch_size
 from .distributed import current_shard, lock_result_dir, map_samples, open_checkpoint, shard_device
 from .io import DAMAGED, note, read_json, write_json
 from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
@@ -39,7 +39,7 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
     samples = load_samples(dataset, num_data)
     seed_everything(seed)
     model, tokenizer = load_model_and_tokenizer(model_name, shard_device(torch_device), torch_dtype)
-    fmt = resolve_prompt_format(prompt_format, tokenizer)
+    fmt = resolve_prompt_format(prompt_format, tokenizer, getattr(model.config, "model_type", None))
     eos = eos_token_ids(model, tokenizer)
     settings = {"model": model_name, "dataset": dataset, "num_data": len(samples), "prompt_format": fmt,
                 "dtype": dtype_name(dtype), "seed": seed, "samples_sha256": samples_fingerprint(samples),
@@ -50,13 +50,21 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
     ckpt = open_checkpoint(paths.labels, json.dumps(settings, sort_keys=True))
     bar = tqdm(total=len(samples), desc="labels", unit="sample", disable=not current_shard().is_main)
 
+    prompts = [prompt_ids(tokenizer, sample, fmt)[0].tolist() for sample in samples]
+    budgets = [len(tokenizer(s.reference, add_special_tokens=False)["input_ids"]) for s in samples]
+    shard, per_batch, pending = current_shard(), label_batch_size(model), {}
+
     def label_one(i):
-        sample = samples[i]
-        ids = prompt_ids(tokenizer, sample.question, fmt)
-        budget = len(tokenizer(sample.reference, add_special_tokens=False)["input_ids"])
-        label = dense_label(model, ids, budget, eos, tokenizer.pad_token_id)
+        # samples are decoded a batch at a time (utils/labels.py: equal to batch-1 greedy decoding) but
+        # still saved one by one, so an interrupted run resumes where it stopped
+        if i not in pending:
+            group = [j for j in range(i, len(samples)) if shard.owns(j) and not ckpt.done(j)][:per_batch]
+            found = greedy_labels(model, [prompts[j] for j in group], [budgets[j] for j in group], eos,
+                                  tokenizer.pad_token_id, batch_size=per_batch)
+            pending.update(zip(group, found))
+        label = pending.pop(i)
         bar.update(1)
-        return {"prompt": ids[0].tolist(), "label": label, "text": tokenizer.decode(label, skip_special_tokens=True)}
+        return {"prompt": prompts[i], "label": label, "text": tokenizer.decode(label, skip_special_tokens=True)}
 
     with bar:
         rows = map_samples(ckpt, len(samples), label_one, skipped=lambda i: bar.update(1))
@@ -104,11 +112,11 @@ def validate_score_flags(kinds, *, n_steps: int, batch_size: int, step_mode: str
         raise PipelineError(f"unknown --step_mode {step_mode!r}; choose {', '.join(STEP_MODES)}")
     if step_mode == "batched" and "ig" in kinds:
         raise PipelineError("--step_mode batched does not run integrated gradients; use auto or cached for ig")
-    if batch_size < 1:
-        raise PipelineError(f"--batch_size must be at least 1 (got {batch_size})")
+    if batch_size is not None and batch_size < 1:
+        raise PipelineError(f"--batch_size must be at least 1 (got {batch_size}); leave it out for the automatic size")
 
 
-def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: int = 0, ig_batch_size: int = 2048,
+def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: int = 0, ig_batch_size: int | None = None,
                    producer: str, step_mode: str = "auto") -> None:
     """Score ``run.num_data`` samples and write one file per (kind, component).
 
@@ -152,7 +160,8 @@ def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, ig_batch_
             prompt = torch.tensor([labels.prompt_ids[i]], device=device)
             scores = attributor.score_sample(prompt, labels.label_ids[i], gradients=gradients,
                                              ig_steps=ig_steps, ig_batch_size=ig_batch_size,
-                                             step_mode=step_mode, step_batch_size=ig_batch_size,
+                                             step_mode=step_mode,
+                                             step_batch_size=attributor.position_budget(ig_batch_size),
                                              on_step=lambda: bar.update(1))
             return {name: scores[name] for name in wanted}
 
