@@ -11,7 +11,7 @@ the weight bytes, the ideal speed-up if time were proportional to the weight byt
 the peak memory.  Sparse rows run the way the sweep's prompt/static sources do: the prompt dense, its
 cache handed over, every later token sparse.  The kept share applies to heads and neurons alike; which
 units are kept is random (fixed seed): the speed does not depend on which ones, only on how many.
-Heads are chosen per KV group (the same count in every group), so no padding is needed.
+Heads are chosen as whole KV groups and an equal count within each kept group, so no padding is needed.
 """
 from __future__ import annotations
 
@@ -83,15 +83,20 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
 
 
 def balanced_keep(layout, share: float, seed: int) -> dict:
-    """``share`` of the heads of every KV group and of every layer's neurons, chosen at random."""
+    """``share`` of every layer's heads and neurons, chosen at random.  Heads are kept as ``k`` heads in
+    each of ``g`` KV groups (the same count in every kept group, so no padding is needed), with ``g * k``
+    as close to ``share * H`` as the group sizes allow: without grouped KV (Phi-2: one head per group) that
+    removes whole groups; with it (SmolLM2: 3 heads per KV head) groups and heads within them."""
     g = torch.Generator().manual_seed(seed)
     L, H, I, KV = layout.num_layers, layout.num_heads, layout.intermediate, layout.num_kv_heads
     per = H // KV
-    n_heads, n_neurons = max(1, round(share * per)), max(1, round(share * I))
+    n_groups, n_heads = min(((gk, kp) for gk in range(1, KV + 1) for kp in range(1, per + 1)),
+                            key=lambda gk_kp: (abs(gk_kp[0] * gk_kp[1] - share * H), -gk_kp[0]))
+    n_neurons = max(1, round(share * I))
     heads = torch.zeros(L, H, dtype=torch.bool)
     neurons = torch.zeros(L, I, dtype=torch.bool)
     for l in range(L):
-        for grp in range(KV):
+        for grp in torch.randperm(KV, generator=g)[:n_groups].tolist():
             heads[l, grp * per + torch.randperm(per, generator=g)[:n_heads]] = True
         neurons[l, torch.randperm(I, generator=g)[:n_neurons]] = True
     return {ATTN: heads, MLP: neurons}
