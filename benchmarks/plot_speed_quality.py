@@ -1,6 +1,7 @@
 """Quality against measured decode speed-up: the sweep's results.json (activation ratio, BLEU, ... per
-metric, source and ratio) and the decode benchmark's JSON (rows {"device", "batch", "kept", "speedup"})
--> one panel per device and batch, each point placed at the speed-up interpolated at its activation ratio.
+metric, source and ratio) and the decode benchmark's JSONs (rows with "kept" and "speedup"; the device from
+each file's settings) -> one panel per device and batch, each point placed at the speed-up interpolated at
+its activation ratio.  Only the label-free sources are drawn by default (the sparse model runs their masks).
 
     python benchmarks/plot_speed_quality.py result/truthfulqa/res/both/results.json bench_decode.json
 """
@@ -17,6 +18,7 @@ from utils.plotting import plot_speed_quality  # noqa: E402
 from utils.sweep import PLOT_METRICS  # noqa: E402
 
 MEASURE = "bleu"
+SOURCES = ["prompt", "static"]
 OUT = None          # None: speed_quality.png/.pdf beside results.json
 
 
@@ -24,7 +26,10 @@ OUT = None          # None: speed_quality.png/.pdf beside results.json
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="results.json of a main.py sweep")
-    p.add_argument("bench_json", help="the decode benchmark's JSON: rows with device, batch, kept, speedup")
+    p.add_argument("bench_json", nargs="+",
+                   help="decode benchmark JSONs (bench_decode.py --json): one panel per device and batch")
+    p.add_argument("--source", nargs="+", default=list(SOURCES),
+                   help="mask sources to draw (default: the label-free ones, which the sparse model runs)")
     p.add_argument("--measure", default=MEASURE, choices=PLOT_METRICS, help="y-axis")
     p.add_argument("--out", default=OUT, help="output stem (writes .png and .pdf)")
     args = p.parse_args(argv)
@@ -34,7 +39,7 @@ def main(argv=None):
     except (OSError, ValueError, KeyError, TypeError):
         raise PipelineError(f"{args.results} is not a sweep's results.json; run main.py first") from None
     stem = Path(args.out) if args.out else Path(args.results).with_name("speed_quality")
-    plot_speed_quality(results, args.bench_json, stem, args.measure)
+    plot_speed_quality(results, args.bench_json, stem, args.measure, sources=args.source)
     print(f"wrote {stem}.png, {stem}.pdf")
 
 

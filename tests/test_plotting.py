@@ -55,3 +55,22 @@ def test_bad_benchmark_json_is_refused(tmp_path):
         load_speed_rows(bench)
     with pytest.raises(PipelineError, match="cannot read the benchmark JSON"):
         load_speed_rows(tmp_path / "missing.json")
+
+
+def test_several_benchmark_files_device_from_settings_and_the_fastest_dense_path(tmp_path):
+    """bench_decode.py's own JSON: rows without a device (it is in the settings), a fused and an unfused
+    path of one batch; the panel keeps the path whose dense decode is fastest."""
+    def row(fused, kept, ms, speedup):
+        return {"batch": 1, "fused": fused, "compile": "eager", "kept": kept, "ms_per_token": ms, "speedup": speedup}
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"settings": {"device_name": "x86_64", "dtype": "float32"},
+                               "rows": [row(False, 1.0, 300.0, 1.0), row(False, 0.5, 200.0, 1.5),
+                                        row(True, 1.0, 400.0, 1.0), row(True, 0.5, 200.0, 2.0)]}))
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"settings": {"device_name": "NVIDIA H200", "dtype": "bfloat16"},
+                               "rows": [row(True, 1.0, 2.0, 1.0), row(True, 0.5, 1.6, 1.25)]}))
+    groups = load_speed_rows([cpu, gpu])
+    assert sorted(groups) == [("NVIDIA H200 bfloat16", 1), ("x86_64 float32", 1)]
+    assert [r["speedup"] for r in groups[("x86_64 float32", 1)]] == [1.0, 1.5]     # unfused: faster dense
+    plot_speed_quality(results(), [cpu, gpu], tmp_path / "speed")
+    assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"

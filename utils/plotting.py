@@ -94,38 +94,57 @@ def speedup_at(rows: list[dict], kept: float) -> float:
 
 
 def load_speed_rows(bench_json) -> dict:
-    """``{(device, batch): rows}`` from the decode benchmark's JSON: a list of rows (or ``{"rows": [...]}``)
-    like ``{"device": "cpu", "batch": 1, "kept": 0.5, "speedup": 1.6}``."""
-    try:
-        data = read_json(bench_json)
-    except (OSError, ValueError) as err:
-        raise PipelineError(f"cannot read the benchmark JSON {bench_json} ({type(err).__name__}); "
-                            "give the file the decode benchmark wrote") from None
-    rows = data.get("rows") if isinstance(data, dict) else data
+    """``{(device, batch): rows}`` from one or several decode benchmark JSONs: each a list of rows (or
+    ``{"settings": ..., "rows": [...]}``) like ``{"device": "cpu", "batch": 1, "kept": 0.5, "speedup": 1.6}``;
+    a row without ``device`` takes its file's ``settings`` (device name and dtype).  Where a file timed
+    several paths of one device and batch (fused or not), the one with the fastest dense decode is kept:
+    the path one would deploy."""
+    paths = [bench_json] if isinstance(bench_json, (str, Path)) else list(bench_json)
     groups = {}
-    try:
-        for r in rows:
-            if not (math.isfinite(float(r["kept"])) and math.isfinite(float(r["speedup"]))):
-                raise ValueError
-            groups.setdefault((str(r.get("device", "?")), r.get("batch", 1)), []).append(r)
-    except (TypeError, KeyError, ValueError):
-        raise PipelineError(f"{bench_json} is not a decode benchmark JSON: it needs rows with finite 'kept' and "
-                            "'speedup' (and 'device', 'batch')") from None
+    for path in paths:
+        try:
+            data = read_json(path)
+        except (OSError, ValueError) as err:
+            raise PipelineError(f"cannot read the benchmark JSON {path} ({type(err).__name__}); "
+                                "give the file the decode benchmark wrote") from None
+        rows = data.get("rows") if isinstance(data, dict) else data
+        settings = data.get("settings", {}) if isinstance(data, dict) else {}
+        default_device = " ".join(str(settings[k]) for k in ("device_name", "dtype") if settings.get(k)) or "?"
+        paths_of = {}
+        try:
+            for r in rows:
+                if not (math.isfinite(float(r["kept"])) and math.isfinite(float(r["speedup"]))):
+                    raise ValueError
+                key = (str(r.get("device", default_device)), r.get("batch", 1))
+                paths_of.setdefault(key, {}).setdefault((r.get("fused"), r.get("compile")), []).append(r)
+        except (TypeError, KeyError, ValueError):
+            raise PipelineError(f"{path} is not a decode benchmark JSON: it needs rows with finite 'kept' and "
+                                "'speedup' (and 'device', 'batch')") from None
+        for key, variants in paths_of.items():
+            def dense_ms(group):
+                dense = [r for r in group if float(r["kept"]) == 1.0 and "ms_per_token" in r]
+                return dense[0]["ms_per_token"] if dense else 0.0
+            groups[key] = min(variants.values(), key=dense_ms)
     if not groups:
-        raise PipelineError(f"{bench_json} holds no benchmark rows")
+        raise PipelineError(f"{', '.join(map(str, paths))} holds no benchmark rows")
     return groups
 
 
-def plot_speed_quality(results: dict, bench_json, stem: Path, measure: str = "bleu") -> None:
+def plot_speed_quality(results: dict, bench_json, stem: Path, measure: str = "bleu",
+                       sources=("prompt", "static")) -> None:
     """Write ``stem.png``/``.pdf``: ``measure`` (y) against measured decode speed-up (x), the speed-up of
     each point interpolated at its activation ratio; one panel per (device, batch) of the benchmark, one
-    line style per mask source."""
+    line style per mask source.  Only ``sources`` are drawn: by default the label-free ones, whose one mask
+    per request is what the sparse model removes (an oracle mask changes every token and needs the answer,
+    so no sparse model runs it)."""
     groups = load_speed_rows(bench_json)
     dashes = {"oracle": "-", "prompt": "--", "static": ":"}
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.4), sharey=True, squeeze=False)
     for ax, ((device, batch), rows) in zip(axes[0], sorted(groups.items(), key=lambda g: str(g[0]))):
         for key, curve in results["curves"].items():
             metric, source = _curve_metric_source(key, curve)
+            if source not in sources:
+                continue
             pts = [p for p in curve["points"] if p.get(measure) is not None and not math.isnan(p[measure])]
             xs = [speedup_at(rows, p["activation_ratio"]) for p in pts]
             color, marker = STYLE.get(metric, (None, "o"))
