@@ -35,7 +35,7 @@ def main(argv=None):
     if unknown:
         raise PipelineError(f"unknown --metric_name {', '.join(unknown)}; choose from {', '.join(ERROR_METRICS)} or all")
     run = open_run(args)
-    per_metric = load_metric_scores(run, names, explicit)
+    per_metric, _ = load_metric_scores(run, names, explicit)   # (scores, metrics skipped for missing files)
     summary = measure_attribution_error(run, per_metric, num_units=args.num_units, num_steps=args.steps,
                                         seed=args.unit_seed, batch_rows=args.batch_size)
     if summary is None:  # under torchrun, the first process reports

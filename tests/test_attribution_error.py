@@ -152,7 +152,7 @@ def test_other_batch_split_gives_the_same_rows_and_bad_flags_fail_cleanly(error_
 
     where = ["--result_dir", str(error_run["result"]), "--device", "cpu"]
     run = open_run(common_parser("", {}).parse_args(where))
-    per_metric = load_metric_scores(run, list(ERROR_METRICS), explicit=True)
+    per_metric, _ = load_metric_scores(run, list(ERROR_METRICS), explicit=True)
     with SiteHooks(run.model, run.layout) as hooks:
         again = [r for i in range(run.num_data)
                  for r in sample_rows(run, hooks, per_metric, i, num_units=6, num_steps=2, seed=0, batch_rows=64)]
