@@ -34,6 +34,9 @@ def main(argv=None):
     unknown = [m for m in names if m not in ERROR_METRICS]
     if unknown:
         raise PipelineError(f"unknown --metric_name {', '.join(unknown)}; choose from {', '.join(ERROR_METRICS)} or all")
+    if args.num_units < 1 or args.steps < 1 or args.batch_size < 1:   # before the model is loaded
+        raise PipelineError(f"--num_units, --steps and --batch_size must be at least 1 (got {args.num_units}, "
+                            f"{args.steps}, {args.batch_size})")
     run = open_run(args)
     per_metric, _ = load_metric_scores(run, names, explicit)   # (scores, metrics skipped for missing files)
     summary = measure_attribution_error(run, per_metric, num_units=args.num_units, num_steps=args.steps,

@@ -227,6 +227,8 @@ def run(args) -> dict:
     fused_opts = {"off": [False], "on": [True], "both": [False, True]}[args.fused]
     if any(not 0 < k <= 1 for k in args.kept):
         raise PipelineError(f"--kept shares must be in (0, 1]; got {args.kept}")
+    if any(b < 1 for b in args.batch):
+        raise PipelineError(f"--batch sizes must be at least 1 (got {args.batch})")
     t0 = time.perf_counter()
     dense = build_model(args.model, device, dtype)
     print(f"model {args.model}: built in {time.perf_counter() - t0:.1f} s on {device} ({dtype})", flush=True)

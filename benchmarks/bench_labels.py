@@ -24,6 +24,7 @@ from utils.generation import dense_label  # noqa: E402
 from utils.labels import greedy_labels, label_batch_size  # noqa: E402
 from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
 from utils.prompts import prompt_ids, resolve_prompt_format  # noqa: E402
+from utils.errors import cli_entry  # noqa: E402
 
 MODEL_NAME = OFFLINE_MODEL
 DATASET = "truthfulqa-offline"
@@ -35,7 +36,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main():
+@cli_entry
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default=MODEL_NAME)
     p.add_argument("--dataset", default=DATASET)
@@ -46,7 +48,7 @@ def main():
                    help="samples per batch (default: the device default, utils/labels.py); 1 outside fp32")
     p.add_argument("--skip_batch_one", action="store_true", help="time only the batched decoder")
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = resolve_device(args.device)
     began = time.perf_counter()
     model, tok = load_model_and_tokenizer(args.model_name, device, resolve_dtype(args.dtype))

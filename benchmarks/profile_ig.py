@@ -34,6 +34,7 @@ from utils.data import load_samples  # noqa: E402
 from utils.labels import greedy_labels, label_batch_size  # noqa: E402
 from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
 from utils.prompts import prompt_ids, resolve_prompt_format  # noqa: E402
+from utils.errors import cli_entry  # noqa: E402
 
 MODEL_NAME = OFFLINE_MODEL
 DATASET = "truthfulqa-offline"
@@ -83,7 +84,8 @@ def rel_err(new, old, key):
                for a, b in zip(new, old) if b[key].numel())
 
 
-def main():
+@cli_entry
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default=MODEL_NAME)
     p.add_argument("--dataset", default=DATASET)
@@ -98,7 +100,7 @@ def main():
     p.add_argument("--profile", type=int, default=0, help="profile this many samples of the new IG path")
     p.add_argument("--rows", type=int, default=25, help="profiler table rows")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     model, tok = load_model_and_tokenizer(args.model_name, device, resolve_dtype(args.dtype))
