@@ -125,7 +125,7 @@ def _interrupted_labels(monkeypatch, model_dir, data, result, stop_after):
     """label_generation in this process, stopped (Ctrl-C) after ``stop_after`` samples are saved."""
     import utils.steps
 
-    real, calls = utils.steps.dense_label, []
+    real, real_size, calls = utils.steps.greedy_labels, utils.steps.label_batch_size, []
 
     def flaky(*args, **kwargs):
         if len(calls) == stop_after:
@@ -133,11 +133,14 @@ def _interrupted_labels(monkeypatch, model_dir, data, result, stop_after):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(utils.steps, "dense_label", flaky)
+    # one sample per decoding batch, so the interruption falls between two saved samples
+    monkeypatch.setattr(utils.steps, "label_batch_size", lambda model, requested=None: 1)
+    monkeypatch.setattr(utils.steps, "greedy_labels", flaky)
     with pytest.raises(SystemExit) as info:
         in_process("label_generation", "--model_name", model_dir, "--dataset", data, "--num_data", 3,
                    "--result_dir", result, "--device", "cpu")
-    monkeypatch.setattr(utils.steps, "dense_label", real)
+    monkeypatch.setattr(utils.steps, "greedy_labels", real)
+    monkeypatch.setattr(utils.steps, "label_batch_size", real_size)
     assert info.value.code == 130
     return result / "labels.json.parts"
 
@@ -247,11 +250,11 @@ def test_run_pipeline_dtype_checked_before_any_step(tmp_path, qa_file):
 
 @pytest.mark.parametrize("flags,expected", [
     (["--n_steps", "0"], "error: --n_steps must be at least 1 (got 0)"),
-    (["--batch_size", "0"], "error: --batch_size must be at least 1 (got 0)"),
-    (["--ig_num_data", "0"], "error: --ig_num_data must be between 1 and --num_data 2 (got 0); leave it out "
-                             "to run IG on every sample"),
-    (["--ig_num_data", "3"], "error: --ig_num_data must be between 1 and --num_data 2 (got 3); leave it out "
-                             "to run IG on every sample"),
+    (["--batch_size", "0"], "error: --batch_size must be at least 1 (got 0); leave it out for the automatic size"),
+    (["--ig_num_data", "0"], "error: --ig_num_data must be between 1 and the 2 labelled samples (got 0); leave it "
+                             "out to run IG on every sample"),
+    (["--ig_num_data", "3"], "error: --ig_num_data must be between 1 and the 2 labelled samples (got 3); leave it "
+                             "out to run IG on every sample"),
     (["--device", "mps"], "error: --device mps: Apple GPUs (mps) are not supported by this pipeline; use --device cpu"),
     (["--num_data", "0"], "error: --num_data must be at least 1 (got 0)"),
 ], ids=["n_steps", "batch_size", "ig_num_data_0", "ig_num_data_big", "mps", "num_data"])
@@ -267,7 +270,7 @@ def test_attribution_flags_checked_before_the_folder_is_touched(run_copy, capsys
     (result / ".lock").unlink(missing_ok=True)
     before = snapshot(result)
     assert exits_2(capsys, "attribution_attention", "--batch_size", 0, *where) == \
-        "error: --batch_size must be at least 1 (got 0)"
+        "error: --batch_size must be at least 1 (got 0); leave it out for the automatic size"
     assert exits_2(capsys, "attribution_attention", "--dtype", "fp8", *where).startswith("error: unknown --dtype 'fp8'")
     assert snapshot(result) == before and not (result / ".lock").exists()
 
