@@ -100,12 +100,14 @@ def test_run_pipeline_skips_the_steps_it_finished(tmp_path, tiny_model_dirs):
         files = [tmp_path / "r" / "labels.json", *sorted((tmp_path / "r").rglob("*_list.pt"))]
         return {f.name: f.stat().st_mtime_ns for f in files}
 
-    all_steps = {"labels", "head magnitudes", "neuron magnitudes", "gradient + gxo", "integrated gradients"}
+    all_steps = {"labels", "head magnitudes", "neuron magnitudes", "gradient + gxo", "integrated gradients",
+                 "sweep + figure"}
     assert pipeline() == set()
     first = stamps()
     assert pipeline() == all_steps
     assert stamps() == first                      # nothing rewritten
-    assert pipeline("--n_steps", "3") == all_steps - {"integrated gradients"}
+    # new IG scores: IG and the sweep that read them run again
+    assert pipeline("--n_steps", "3") == all_steps - {"integrated gradients", "sweep + figure"}
     changed = {name for name, t in stamps().items() if t != first[name]}
     assert changed == {"ig_attention_list.pt", "ig_mlp_list.pt"}
     assert pipeline("--n_steps", "3", "--redo") == set()
@@ -118,7 +120,7 @@ def test_run_pipeline_skips_the_steps_it_finished(tmp_path, tiny_model_dirs):
     torch.save(tensors, mlp)
     gxo = r / "ig" / "gxo_attention_list.pt"
     gxo.write_bytes(gxo.read_bytes()[:100])
-    assert pipeline("--n_steps", "3") == all_steps - {"neuron magnitudes", "gradient + gxo"}
+    assert pipeline("--n_steps", "3") == all_steps - {"neuron magnitudes", "gradient + gxo", "sweep + figure"}
     assert all(torch.isfinite(t).all() for t in torch.load(mlp)) and len(torch.load(gxo)) == 3
 
     # the dataset file edited in place: new labels, and the old run's files move out of the way
