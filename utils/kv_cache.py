@@ -55,10 +55,9 @@ def detach_cache_(cache) -> None:
     map_cache_(cache, lambda t, _: t.detach())
 
 
-def repeated_cache(cache, batch):
-    """A new cache holding ``batch`` copies of a batch-1 cache (the original is left as it is).
-
-    ``batch`` may also be a list with one count per layer (IG's staggered batch grows with depth)."""
+def _layer_copies(cache):
+    """A new cache of the same kind whose layer objects (or key/value lists) are shallow copies of the
+    original's, so replacing their tensors leaves the original as it is."""
     new = cache.__class__.__new__(cache.__class__)
     new.__dict__.update(cache.__dict__)
     layers = getattr(cache, "layers", None)
@@ -70,6 +69,14 @@ def repeated_cache(cache, batch):
             new.layers.append(copy)
     else:
         new.key_cache, new.value_cache = list(cache.key_cache), list(cache.value_cache)
+    return new
+
+
+def repeated_cache(cache, batch):
+    """A new cache holding ``batch`` copies of a batch-1 cache (the original is left as it is).
+
+    ``batch`` may also be a list with one count per layer (IG's staggered batch grows with depth)."""
+    new = _layer_copies(cache)
     counts = batch if isinstance(batch, (list, tuple)) else None
     map_cache_(new, lambda t, i: t.detach().repeat_interleave(batch if counts is None else counts[i], dim=0))
     return new
@@ -78,17 +85,7 @@ def repeated_cache(cache, batch):
 def mapped_cache(cache, fn):
     """A new cache of the same kind whose layer ``i`` holds ``fn(t, i)`` for each key and value tensor ``t``
     of ``cache`` (the original is left as it is).  IG's packed passes build each row's own cache prefix."""
-    new = cache.__class__.__new__(cache.__class__)
-    new.__dict__.update(cache.__dict__)
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        new.layers = []
-        for layer in layers:
-            copy = layer.__class__.__new__(layer.__class__)
-            copy.__dict__.update(layer.__dict__)
-            new.layers.append(copy)
-    else:
-        new.key_cache, new.value_cache = list(cache.key_cache), list(cache.value_cache)
+    new = _layer_copies(cache)
     map_cache_(new, fn)
     for layer in getattr(new, "layers", None) or []:
         # sliding-window layers count the positions seen; fn may change the length (untruncated caches only)
