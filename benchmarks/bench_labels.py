@@ -23,7 +23,7 @@ from utils.data import load_samples  # noqa: E402
 from utils.generation import dense_label  # noqa: E402
 from utils.labels import greedy_labels, label_batch_size  # noqa: E402
 from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
-from utils.prompts import prompt_ids, resolve_prompt_format  # noqa: E402
+from utils.prompts import label_inputs, resolve_prompt_format  # noqa: E402
 from utils.errors import cli_entry  # noqa: E402
 
 MODEL_NAME = OFFLINE_MODEL
@@ -55,8 +55,7 @@ def main(argv=None):
     load_s = time.perf_counter() - began
     fmt = resolve_prompt_format("auto", tok)
     samples = load_samples(args.dataset, args.num_data)
-    prompts = [prompt_ids(tok, s.question, fmt)[0].tolist() for s in samples]
-    budgets = [len(tok(s.reference, add_special_tokens=False)["input_ids"]) for s in samples]
+    prompts, budgets = label_inputs(tok, samples, fmt)
     eos = eos_token_ids(model, tok)
     greedy_labels(model, prompts[:2], [2, 2], eos, tok.pad_token_id, batch_size=2)  # warm-up
     rows = {}

@@ -33,7 +33,7 @@ from utils.attribution import DEFAULT_POSITION_BUDGET, Attributor  # noqa: E402
 from utils.data import load_samples  # noqa: E402
 from utils.labels import greedy_labels, label_batch_size  # noqa: E402
 from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
-from utils.prompts import prompt_ids, resolve_prompt_format  # noqa: E402
+from utils.prompts import label_inputs, resolve_prompt_format  # noqa: E402
 from utils.errors import cli_entry  # noqa: E402
 
 MODEL_NAME = OFFLINE_MODEL
@@ -107,8 +107,7 @@ def main(argv=None):
     load_s = time.perf_counter() - t0
     fmt = resolve_prompt_format("auto", tok)
     rows = load_samples(args.dataset, args.num_data)
-    prompts = [prompt_ids(tok, s.question, fmt)[0].tolist() for s in rows]
-    budgets = [len(tok(s.reference, add_special_tokens=False)["input_ids"]) for s in rows]
+    prompts, budgets = label_inputs(tok, rows, fmt)
     sync(device)
     t0 = time.perf_counter()
     labels = greedy_labels(model, prompts, budgets, eos_token_ids(model, tok), tok.pad_token_id,

@@ -76,3 +76,10 @@ def prompt_ids(tokenizer, sample: Sample | str, prompt_format: str) -> torch.Ten
     else:
         ids = tokenizer(f"Instruct: {text}\nOutput:")["input_ids"]
     return torch.tensor([ids], dtype=torch.long)
+
+
+def label_inputs(tokenizer, samples, prompt_format: str) -> tuple[list[list[int]], list[int]]:
+    """Each sample's prompt ids and its label budget (METHOD §2: the reference answer's token count)."""
+    prompts = [prompt_ids(tokenizer, sample, prompt_format)[0].tolist() for sample in samples]
+    budgets = [len(tokenizer(sample.reference, add_special_tokens=False)["input_ids"]) for sample in samples]
+    return prompts, budgets

@@ -15,7 +15,7 @@ from .distributed import current_shard, lock_result_dir, map_samples, open_check
 from .io import DAMAGED, note, read_json, write_json
 from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
 from .paths import ResultPaths
-from .prompts import prompt_ids, resolve_prompt_format
+from .prompts import label_inputs, resolve_prompt_format
 from .provenance import dtype_name, retire_previous_run, run_id_of, write_scores
 from .sites import COMPONENTS
 
@@ -50,8 +50,7 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
     ckpt = open_checkpoint(paths.labels, json.dumps(settings, sort_keys=True))
     bar = tqdm(total=len(samples), desc="labels", unit="sample", disable=not current_shard().is_main)
 
-    prompts = [prompt_ids(tokenizer, sample, fmt)[0].tolist() for sample in samples]
-    budgets = [len(tokenizer(s.reference, add_special_tokens=False)["input_ids"]) for s in samples]
+    prompts, budgets = label_inputs(tokenizer, samples, fmt)
     shard, per_batch, pending = current_shard(), label_batch_size(model), {}
 
     def label_one(i):
