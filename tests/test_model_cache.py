@@ -1,0 +1,101 @@
+"""The converted copy of a GGUF model (utils.models: one slow GGUF parse, then plain safetensors) must be
+the very model stock transformers loads from the GGUF file: same weights bit for bit (float32 and a cast
+dtype), same tokenizer, same stop tokens; a damaged copy is rebuilt, an unwritable cache only costs speed."""
+import pytest
+import torch
+
+from utils import models
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """SmolLM2-135M-Instruct loaded straight from its GGUF file by transformers (the slow path)."""
+    path = models.offline_gguf_path()
+    tok, model = models._from_pretrained(str(path.parent), {"gguf_file": path.name}, "smollm2", torch.float32)
+    return path, tok, model
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    return tmp_path
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+    assert type(a) is type(b)
+    assert a.config.tie_word_embeddings == b.config.tie_word_embeddings
+    assert a.generation_config.eos_token_id == b.generation_config.eos_token_id
+
+
+def assert_same_tokenizer(a, b):
+    texts = ["What happens if you eat watermelon seeds?", "Ünïcode ☃ and  double  spaces\n\nnew line",
+             "print('x')\t# code"]
+    for text in texts:
+        assert a(text)["input_ids"] == b(text)["input_ids"]
+    turn = [{"role": "user", "content": texts[0]}]
+    assert (a.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+            == b.apply_chat_template(turn, add_generation_prompt=True, tokenize=False))
+    assert (a.eos_token_id, a.bos_token_id) == (b.eos_token_id, b.bos_token_id)
+
+
+def test_converted_copy_is_the_gguf_model(reference, cache, capsys):
+    path, ref_tok, ref_model = reference
+    target = models.converted_dir(path)
+    assert target.parent.parent == cache
+    models._save_converted(ref_tok, ref_model, target)
+    tok, model = models._load_gguf(path, "smollm2", torch.float32)
+    assert "converting" not in capsys.readouterr().out          # read from the copy, not converted again
+    assert getattr(model, "hf_quantizer", None) is None
+    assert_same_model(ref_model, model)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert_same_tokenizer(ref_tok, tok)
+    # a lower dtype is the float32 weights cast, as the GGUF loader casts them
+    _, half = models._load_gguf(path, "smollm2", torch.bfloat16)
+    for key, value in ref_model.state_dict().items():
+        assert torch.equal(half.state_dict()[key], value.to(torch.bfloat16)), key
+    # the model converted in memory keeps its GGUF quantizer (saving must not have changed it)
+    assert getattr(ref_model, "hf_quantizer", None) is not None
+
+
+def test_damaged_copy_is_rebuilt(reference, cache, capsys, monkeypatch):
+    path, ref_tok, ref_model = reference
+    target = models.converted_dir(path)
+    models._save_converted(ref_tok, ref_model, target)
+    (target / "model.safetensors").write_bytes(b"not a safetensors file")
+    real = models._from_pretrained
+    conversions = []
+
+    def from_pretrained(source, extra, name, dtype):   # the GGUF parse is the slow part: hand back the reference
+        if "gguf_file" in extra:
+            conversions.append(source)
+            return ref_tok, ref_model
+        return real(source, extra, name, dtype)
+
+    monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
+    tok, model = models._load_gguf(path, "smollm2", torch.float32)
+    out = capsys.readouterr().out
+    assert "cannot be read" in out and "converting" in out and len(conversions) == 1
+    tok, model = models._load_gguf(path, "smollm2", torch.float32)   # the rebuilt copy now loads
+    assert len(conversions) == 1
+    assert_same_model(ref_model, model)
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]   # no half-written folder
+
+
+def test_unwritable_cache_only_costs_speed(reference, cache, capsys, monkeypatch):
+    path, ref_tok, ref_model = reference
+    monkeypatch.setattr(models, "_from_pretrained",
+                        lambda source, extra, name, dtype: (ref_tok, ref_model))
+
+    def refuse(*args, **kwargs):     # a read-only cache folder (chmod does not stop root, who runs CI)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(models.tempfile, "mkdtemp", refuse)
+    tok, model = models._load_gguf(path, "smollm2", torch.float32)
+    assert model is ref_model
+    assert not models.converted_dir(path).exists()
+    assert "could not keep a converted copy" in capsys.readouterr().out
