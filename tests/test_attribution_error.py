@@ -146,12 +146,13 @@ def test_summary_and_figure(error_run):
 
 def test_other_batch_split_gives_the_same_rows_and_bad_flags_fail_cleanly(error_run, capsys):
     from utils.attribution_error import sample_rows
-    from utils.cli import common_parser, open_run
+    import attribution_error as script
+    from utils.run import open_run
     from utils.sites import SiteHooks
     from utils.sweep import load_metric_scores
 
     where = ["--result_dir", str(error_run["result"]), "--device", "cpu"]
-    run = open_run(common_parser("", {}).parse_args(where))
+    run = open_run(script.build_parser().parse_args(where))
     per_metric, _ = load_metric_scores(run, list(ERROR_METRICS), explicit=True)
     with SiteHooks(run.model, run.layout) as hooks:
         again = [r for i in range(run.num_data)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import write_qa_file
-from utils.provenance import run_id_of
+from utils.labelset import run_id_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
