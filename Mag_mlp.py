@@ -1,5 +1,5 @@
 """Step 3b: MLP neuron magnitudes |x_j| per generated token -> magnitude/magnitude_mlp_list.pt."""
-from label_generation import DATASET, DEVICE, RESULT_DIR   # the run's folder and device: set where the run is made
+import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.distributed import current_shard
 from utils.errors import cli_entry
 from utils.flags import Parser, add_location_flags, add_run_flags
@@ -12,8 +12,8 @@ NUM_DATA = None     # None: every labelled sample
 
 def build_parser() -> Parser:
     parser = Parser(__doc__)
-    add_location_flags(parser, dataset=DATASET, result_dir=RESULT_DIR)
-    add_run_flags(parser, num_data=NUM_DATA, device=DEVICE)
+    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
+    add_run_flags(parser, num_data=NUM_DATA, device=label_generation.DEVICE)
     return parser
 
 

@@ -6,7 +6,7 @@ gradient and gxo for all layers come from one forward and one backward per token
 --metric gradient gxo).  ig runs every (layer, component, alpha-step) of a token as one staggered batch
 (an element joins at its own layer), split so that no pass computes more than --batch_size token
 positions."""
-from label_generation import DATASET, DEVICE, RESULT_DIR   # the run's folder and device: set where the run is made
+import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.attribution import SCORE_METRICS, STEP_MODES
 from utils.distributed import current_shard
 from utils.errors import PipelineError, cli_entry
@@ -25,8 +25,8 @@ NUM_DATA = None                 # None: every labelled sample
 
 def build_parser() -> Parser:
     parser = Parser(__doc__)
-    add_location_flags(parser, dataset=DATASET, result_dir=RESULT_DIR)
-    add_run_flags(parser, num_data=NUM_DATA, device=DEVICE)
+    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
+    add_run_flags(parser, num_data=NUM_DATA, device=label_generation.DEVICE)
     parser.add_argument("--metric", nargs="+", default=METRICS, help=f"any of {', '.join(SCORE_METRICS)}")
     parser.add_argument("--n_steps", type=at_least_one("--n_steps"), default=N_STEPS,
                         help="integrated-gradients steps (alpha_k = k/n)")

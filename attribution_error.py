@@ -3,7 +3,7 @@ units, zero each unit alone and record the real change of the step's loss; compa
 cost each metric predicts (Spearman rank correlation per metric and component, and a scatter figure)
 -> result/<dataset>/attribution_error/{rows.json, summary.json, scatter.png, scatter.pdf}.
 Needs labels.json and the score files (Mag_*.py, attribution_attention.py); resumes per sample."""
-from label_generation import DATASET, DEVICE, RESULT_DIR   # the run's folder and device: set where the run is made
+import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.attribution_error import ERROR_METRICS, measure_attribution_error
 from utils.errors import PipelineError, cli_entry
 from utils.flags import Parser, add_location_flags, add_run_flags, at_least_one
@@ -20,8 +20,8 @@ NUM_DATA = None         # None: every labelled sample
 
 def build_parser() -> Parser:
     parser = Parser(__doc__)
-    add_location_flags(parser, dataset=DATASET, result_dir=RESULT_DIR)
-    add_run_flags(parser, num_data=NUM_DATA, device=DEVICE)
+    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
+    add_run_flags(parser, num_data=NUM_DATA, device=label_generation.DEVICE)
     parser.add_argument("--metric_name", nargs="+", default=METRICS, help=f"any of {' '.join(ERROR_METRICS)}, or all")
     parser.add_argument("--num_units", type=at_least_one("--num_units"), default=NUM_UNITS,
                         help="units removed one at a time, per component, per measured step")

@@ -1,5 +1,5 @@
 """Step 1: create result/<dataset>/{ig,magnitude,res/both}."""
-from label_generation import DATASET, RESULT_DIR   # the run's folder: set where the run is made
+import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.errors import cli_entry
 from utils.flags import Parser, add_location_flags
 from utils.run import result_paths
@@ -8,7 +8,7 @@ from utils.steps import create_folders
 
 def build_parser() -> Parser:
     parser = Parser(__doc__)
-    add_location_flags(parser, dataset=DATASET, result_dir=RESULT_DIR)
+    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
     return parser
 
 

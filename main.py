@@ -4,7 +4,7 @@ agreement, teacher-forced KL and perplexity, and the activation ratio -> result/
 (JSON, CSV, tradeoff.png/.pdf).  Mask sources (METHOD §7): oracle (per token, against the dense label),
 prompt (one mask per request from the prompt's step), static (one mask calibrated on samples
 N .. N+M-1, N = --num_data, M = --calib_num_data)."""
-from label_generation import DATASET, DEVICE, RESULT_DIR   # the run's folder and device: set where the run is made
+import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.errors import cli_entry
 from utils.flags import Parser, add_location_flags, add_run_flags, at_least_one
 from utils.masks import COR_GXO_VARIANTS, DEFAULT_RATIOS, METRIC_NAMES, parse_layers
@@ -25,8 +25,8 @@ NUM_DATA = None                 # None: every labelled sample
 
 def build_parser() -> Parser:
     parser = Parser(__doc__)
-    add_location_flags(parser, dataset=DATASET, result_dir=RESULT_DIR)
-    add_run_flags(parser, num_data=NUM_DATA, device=DEVICE)
+    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
+    add_run_flags(parser, num_data=NUM_DATA, device=label_generation.DEVICE)
     parser.add_argument("--metric_name", nargs="+", default=METRIC_NAME,
                         help=f"any of {' '.join(METRIC_NAMES)}, or all (every metric whose score files exist)")
     parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS,
@@ -43,8 +43,9 @@ def build_parser() -> Parser:
     parser.add_argument("--calib_num_data", type=at_least_one("--calib_num_data"), default=CALIB_NUM_DATA,
                         help="static source: calibrate on samples N .. N+M-1 (N = --num_data; default "
                              f"{DEFAULT_CALIB_NUM_DATA} when static is asked for)")
-    parser.add_argument("--plot_metric", nargs="+", default=PLOT_METRIC, choices=PLOT_METRICS,
-                        help="y-axis of the trade-off figure (bleu: tradeoff.png; others: tradeoff_<name>.png)")
+    parser.add_argument("--plot_metric", nargs="+", default=PLOT_METRIC,
+                        help=f"y-axes of the trade-off figure, any of {' '.join(PLOT_METRICS)} (bleu: "
+                             "tradeoff.png; others: tradeoff_<name>.png)")
     return parser
 
 

@@ -22,7 +22,7 @@ import main as sweep_main
 from utils.data import load_samples, samples_fingerprint
 from utils.distributed import current_shard, lock_result_dir
 from utils.errors import PipelineError, cli_entry
-from utils.flags import HELP, Parser, at_least_one
+from utils.flags import HELP, Parser
 from utils.models import OFFLINE_MODEL
 from utils.prompts import PROMPT_FORMATS
 from utils.provenance import labels_done, load_labels, scores_done
@@ -38,7 +38,8 @@ OFFLINE = {"model_name": OFFLINE_MODEL, "dataset": "truthfulqa-offline", "num_da
 
 
 def build_parser() -> Parser:
-    """Defaults are read from the step scripts when the parser is built (so an edited constant shows)."""
+    """Defaults are read from the step scripts when the parser is built (so an edited constant shows).
+    Values are checked by the parsers of the steps they are passed to (:func:`plan`), not here."""
     def default(script, name, none_means=None):
         value = getattr(script, name)
         shown = none_means if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
@@ -51,19 +52,20 @@ def build_parser() -> Parser:
                         + " (flags given explicitly override it)")
     p.add_argument("--model_name", help=f"{HELP['model_name']} {default(lg, 'MODEL_NAME')}")
     p.add_argument("--dataset", help=f"{HELP['dataset']} {default(lg, 'DATASET')}")
-    p.add_argument("--num_data", type=at_least_one("--num_data"),
+    p.add_argument("--num_data", type=int,
                    help=f"label, score and evaluate the first N samples {default(lg, 'NUM_DATA')}")
-    p.add_argument("--ig_num_data", type=int,
-                   help="integrated gradients on the first N samples only (default: every sample)")
-    p.add_argument("--n_steps", type=at_least_one("--n_steps"),
+    p.add_argument("--ig_num_data", type=int, default=IG_NUM_DATA,
+                   help="integrated gradients on the first N samples only (default: this script's IG_NUM_DATA: "
+                        f"{'every sample' if IG_NUM_DATA is None else IG_NUM_DATA})")
+    p.add_argument("--n_steps", type=int,
                    help=f"integrated-gradients steps {default(aa, 'N_STEPS')}")
-    p.add_argument("--batch_size", type=at_least_one("--batch_size", "; leave it out for the automatic size"),
+    p.add_argument("--batch_size", type=int,
                    help=f"token positions per forward/backward of the score steps "
                         f"{default(aa, 'BATCH_SIZE', 'automatic')}")
     p.add_argument("--source", nargs="+",
                    help="main.py --source: oracle prompt static or all (static also labels and scores "
                         f"--calib_num_data calibration samples after the --num_data evaluated) {default(sweep_main, 'SOURCE')}")
-    p.add_argument("--calib_num_data", type=at_least_one("--calib_num_data"),
+    p.add_argument("--calib_num_data", type=int,
                    help="main.py --calib_num_data: static calibration samples "
                         f"{default(sweep_main, 'CALIB_NUM_DATA', f'{DEFAULT_CALIB_NUM_DATA} with static')}")
     p.add_argument("--skip_ig", action="store_true", help="leave integrated gradients out")
