@@ -25,7 +25,8 @@ def build_parser() -> Parser:
     parser.add_argument("--metric_name", nargs="+", default=METRICS, help=f"any of {' '.join(ERROR_METRICS)}, or all")
     parser.add_argument("--num_units", type=at_least_one("--num_units"), default=NUM_UNITS,
                         help="units removed one at a time, per component, per measured step")
-    parser.add_argument("--steps", type=at_least_one("--steps"), default=STEPS, help="measured steps per sample (t >= 1)")
+    parser.add_argument("--steps", type=at_least_one("--steps"), default=STEPS,
+                        help="measured steps per sample (t >= 1)")
     parser.add_argument("--unit_seed", type=int, default=UNIT_SEED, help="seed of the random steps and units")
     parser.add_argument("--batch_size", type=at_least_one("--batch_size"), default=BATCH_SIZE,
                         help="removals per forward pass")

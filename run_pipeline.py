@@ -64,14 +64,16 @@ def build_parser() -> Parser:
                         f"{default(aa, 'BATCH_SIZE', 'automatic')}")
     p.add_argument("--source", nargs="+",
                    help="main.py --source: oracle prompt static or all (static also labels and scores "
-                        f"--calib_num_data calibration samples after the --num_data evaluated) {default(sweep_main, 'SOURCE')}")
+                        "--calib_num_data calibration samples after the --num_data evaluated) "
+                        f"{default(sweep_main, 'SOURCE')}")
     p.add_argument("--calib_num_data", type=int,
                    help="main.py --calib_num_data: static calibration samples "
                         f"{default(sweep_main, 'CALIB_NUM_DATA', f'{DEFAULT_CALIB_NUM_DATA} with static')}")
     p.add_argument("--skip_ig", action="store_true", help="leave integrated gradients out")
     p.add_argument("--redo", action="store_true", help="recompute steps whose files are already complete")
     p.add_argument("--dtype", help=f"{HELP['dtype']} {default(lg, 'DTYPE')}")
-    p.add_argument("--prompt_format", choices=PROMPT_FORMATS, help=f"{HELP['prompt_format']} {default(lg, 'PROMPT_FORMAT')}")
+    p.add_argument("--prompt_format", choices=PROMPT_FORMATS,
+                   help=f"{HELP['prompt_format']} {default(lg, 'PROMPT_FORMAT')}")
     p.add_argument("--device", help=f"{HELP['device']} {default(lg, 'DEVICE')}")
     p.add_argument("--result_dir", help=f"{HELP['result_dir']} {default(lg, 'RESULT_DIR', 'result/<dataset>')}")
     return p

@@ -45,9 +45,10 @@ def _score_entry(kind: str, comp: str) -> Artifact:
     if kind == "magnitude":
         return Artifact(f"magnitude_{comp}", f"magnitude/magnitude_{comp}_list.pt", MAGNITUDE_SCRIPTS[comp],
                         f"list of float32 [T, L, {units}] per sample", kind, comp)
-    # grad_norm is written with gradient and with gxo; "--metric gxo" is the cheaper command to name
+    # grad_norm is written whenever gradient or gxo is; name gxo, which cor_gxo (its reader) needs as well
     metric = "gxo" if kind == "grad_norm" else kind
-    shape = "list of float32 [T, L] per sample" if kind == "grad_norm" else f"list of float32 [T, L, {units}] per sample"
+    dims = "[T, L]" if kind == "grad_norm" else f"[T, L, {units}]"
+    shape = f"list of float32 {dims} per sample"
     return Artifact(f"{kind}_{comp}", f"ig/{kind}_{comp}_list.pt", f"{SCORES_SCRIPT} --metric {metric}", shape,
                     kind, comp)
 
@@ -62,6 +63,11 @@ REGISTRY = {a.name: a for a in (LABELS, *SCORES.values(), SWEEP_RESULTS)}
 
 def score(kind: str, comp: str) -> Artifact:
     return SCORES[(kind, comp)]
+
+
+def score_key(kind: str, comp: str) -> str:
+    """The key of (kind, component) in the attribution code's per-sample score dicts: the artefact's name."""
+    return SCORES[(kind, comp)].name
 
 
 def score_folders() -> list[str]:

@@ -43,6 +43,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from .artifacts import score_key
 from .kv_cache import (cache_argument_name, detach_cache_, forward_kwargs, mapped_cache, output_cache,
                        repeated_cache)
 from .sites import ATTN, COMPONENTS, SiteHooks
@@ -447,9 +448,9 @@ class Attributor:
                 per_layer = [unit_scores(c, xs[c][l][0], grads[(c, l)][0] if grads else None, hd)
                              for l in range(self.layout.num_layers)]
                 for key in per_layer[0]:
-                    row[f"{key}_{c}"] = torch.stack([p[key] for p in per_layer])
+                    row[score_key(key, c)] = torch.stack([p[key] for p in per_layer])
                 if ig is not None:
-                    row[f"ig_{c}"] = torch.stack([ig_from_gradients(c, xs[c][l][0], ig[(c, l)], hd)
+                    row[score_key("ig", c)] = torch.stack([ig_from_gradients(c, xs[c][l][0], ig[(c, l)], hd)
                                                   for l in range(self.layout.num_layers)])
             steps.append(row)
             if on_step is not None and precomputed is None:
@@ -463,7 +464,7 @@ class Attributor:
         for c in COMPONENTS:
             U = self.layout.units(c)
             names = ["magnitude"] + (["gradient", "gxo"] if gradients else []) + (["ig"] if ig_steps else [])
-            out.update({f"{n}_{c}": torch.zeros(0, L, U) for n in names})
+            out.update({score_key(n, c): torch.zeros(0, L, U) for n in names})
             if gradients:
-                out[f"grad_norm_{c}"] = torch.zeros(0, L)
+                out[score_key("grad_norm", c)] = torch.zeros(0, L)
         return out

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 
+from .artifacts import LABELS
 from .errors import PipelineError
 from .models import resolve_device, resolve_dtype
 from .prompts import PROMPT_FORMATS
 
-FROM_LABELS = "from labels.json"
+FROM_LABELS = f"from {LABELS.path}"
 
 HELP = {
     "model_name": "hub id (microsoft/phi-2), local folder, .gguf file, or one of the offline models: "
@@ -109,7 +110,7 @@ def add_run_flags(parser, *, num_data, device: str) -> None:
     """A later step's flags: the samples and device it runs on, and the run's settings, which default to
     labels.json's (give one only to check it: a contradicting value is refused)."""
     parser.add_argument("--num_data", type=at_least_one("--num_data"), default=num_data,
-                        help=f"the first N labelled samples (default: {num_data if num_data else 'every labelled sample'})")
+                        help=f"the first N labelled samples (default: {num_data or 'every labelled sample'})")
     parser.add_argument("--device", type=device_name, default=device, help=HELP["device"])
     parser.add_argument("--model_name", default=None, help=f"{HELP['model_name']} (default: {FROM_LABELS})")
     parser.add_argument("--dtype", type=dtype_text, default=None, help=f"{HELP['dtype']} (default: {FROM_LABELS})")

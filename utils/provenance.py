@@ -1,7 +1,8 @@
 """What produced each file, so that a later step refuses to combine files from different runs.
 
-``labels.json`` (utils/labelset.py) holds the run's settings and a ``run_id``.  Every score file ``X.pt`` has a ``X.meta.json`` beside it naming the ``run_id`` it was computed
-from; the ``.pt`` itself stays exactly the released pipeline's layout (a list of float32 tensors)."""
+``labels.json`` (utils/labelset.py) holds the run's settings and a ``run_id``.  Every score file ``X.pt``
+has a ``X.meta.json`` beside it naming the ``run_id`` it was computed from; the ``.pt`` itself stays
+exactly the released pipeline's layout (a list of float32 tensors)."""
 from __future__ import annotations
 
 import shutil

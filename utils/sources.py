@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .artifacts import score_key
 from .errors import PipelineError
 from .masks import files_needed, keep_masks, output_weight_norms, ranking
 from .sites import COMPONENTS
@@ -100,7 +101,7 @@ def prompt_scores(model, prompt_ids: torch.Tensor, metric: str, *, variant: str 
     norms = output_weight_norms(attributor.layout) if metric == "wina" else None
     out = {}
     for comp in COMPONENTS:
-        s = {kind: raw[f"{kind}_{comp}"] for kind in kinds}
+        s = {kind: raw[score_key(kind, comp)] for kind in kinds}
         if norms is not None:
             s["out_norm"] = norms[comp]
         out[comp] = ranking(metric, comp, s, attributor.layout.head_dim, variant)[0]

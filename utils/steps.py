@@ -106,7 +106,8 @@ def _announce_replacement(paths: ResultPaths, settings: dict) -> None:
         if scores:
             moving.append(f"its {len(scores)} score file(s) ({kinds})")
         if swept:
-            moving.append(f"{'its' if not scores else 'the'} {len(swept)} sweep file(s) (curves, figures) in {paths.res}")
+            owner = "the" if scores else "its"
+            moving.append(f"{owner} {len(swept)} sweep file(s) (curves, figures) in {paths.res}")
         where = paths.root / PREVIOUS_RUNS / str(old_id)
         tail = f"{' and '.join(moving)} will move to {where}/" if moving else "it has no score or sweep files yet"
         note(f"{paths.labels} (run {old_id}: {old_settings.get('model')}, {old_settings.get('num_data')} samples) "
