@@ -3,9 +3,11 @@ units, zero each unit alone and record the real change of the step's loss; compa
 cost each metric predicts (Spearman rank correlation per metric and component, and a scatter figure)
 -> result/<dataset>/attribution_error/{rows.json, summary.json, scatter.png, scatter.pdf}.
 Needs labels.json and the score files (Mag_*.py, attribution_attention.py); resumes per sample."""
+import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.attribution_error import ERROR_METRICS, measure_attribution_error
-from utils.cli import common_parser, open_run
 from utils.errors import PipelineError, cli_entry
+from utils.flags import Parser, add_location_flags, add_run_flags, at_least_one
+from utils.run import open_run
 from utils.sweep import load_metric_scores
 
 METRICS = ["all"]       # any of gxo cor_gxo ig gradient magnitude, or all (every metric whose files exist)
@@ -13,34 +15,36 @@ NUM_UNITS = 64          # units removed one at a time, per component, per measur
 STEPS = 4               # measured steps per sample (drawn from t >= 1; all of them if the label is shorter)
 UNIT_SEED = 0           # draws the steps and units (per sample, so a resumed or sharded run draws the same)
 BATCH_SIZE = 256        # removals per forward pass (each a batch row sharing the step's KV cache)
-DATASET = "truthfulqa"
-RESULT_DIR = None       # None: result/<dataset>
 NUM_DATA = None         # None: every labelled sample
-DEVICE = "auto"
+
+
+def build_parser() -> Parser:
+    parser = Parser(__doc__)
+    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
+    add_run_flags(parser, num_data=NUM_DATA, device=label_generation.DEVICE)
+    parser.add_argument("--metric_name", nargs="+", default=METRICS, help=f"any of {' '.join(ERROR_METRICS)}, or all")
+    parser.add_argument("--num_units", type=at_least_one("--num_units"), default=NUM_UNITS,
+                        help="units removed one at a time, per component, per measured step")
+    parser.add_argument("--steps", type=at_least_one("--steps"), default=STEPS,
+                        help="measured steps per sample (t >= 1)")
+    parser.add_argument("--unit_seed", type=int, default=UNIT_SEED, help="seed of the random steps and units")
+    parser.add_argument("--batch_size", type=at_least_one("--batch_size"), default=BATCH_SIZE,
+                        help="removals per forward pass")
+    return parser
 
 
 @cli_entry
 def main(argv=None):
-    parser = common_parser(__doc__, {"dataset": DATASET, "result_dir": RESULT_DIR, "num_data": NUM_DATA,
-                                     "device": DEVICE})
-    parser.add_argument("--metric_name", nargs="+", default=METRICS, help=f"{' '.join(ERROR_METRICS)} or all")
-    parser.add_argument("--num_units", type=int, default=NUM_UNITS, help="units per component per step")
-    parser.add_argument("--steps", type=int, default=STEPS, help="measured steps per sample")
-    parser.add_argument("--unit_seed", type=int, default=UNIT_SEED, help="seed of the random steps and units")
-    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="removals per forward pass")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     explicit = args.metric_name != ["all"]
     names = list(ERROR_METRICS) if not explicit else args.metric_name
     unknown = [m for m in names if m not in ERROR_METRICS]
     if unknown:
         raise PipelineError(f"unknown --metric_name {', '.join(unknown)}; choose from {', '.join(ERROR_METRICS)} or all")
-    if args.num_units < 1 or args.steps < 1 or args.batch_size < 1:   # before the model is loaded
-        raise PipelineError(f"--num_units, --steps and --batch_size must be at least 1 (got {args.num_units}, "
-                            f"{args.steps}, {args.batch_size})")
     run = open_run(args)
     per_metric, _ = load_metric_scores(run, names, explicit)   # (scores, metrics skipped for missing files)
     summary = measure_attribution_error(run, per_metric, num_units=args.num_units, num_steps=args.steps,
-                                        seed=args.unit_seed, batch_rows=args.batch_size)
+                                        seed=args.unit_seed, batch_size=args.batch_size)
     if summary is None:  # under torchrun, the first process reports
         return
     print(f"{'metric':<10} {'heads':>8} {'neurons':>8}   (Spearman: predicted removal cost vs real Δloss)")

@@ -1,16 +1,20 @@
 """Step 1: create result/<dataset>/{ig,magnitude,res/both}."""
-from utils.cli import common_parser, result_paths
+import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.errors import cli_entry
+from utils.flags import Parser, add_location_flags
+from utils.run import result_paths
 from utils.steps import create_folders
 
-DATASET = "truthfulqa"   # truthfulqa (hub), truthfulqa-offline, or a .json/.jsonl/.csv path
-RESULT_DIR = None        # None: result/<dataset>
+
+def build_parser() -> Parser:
+    parser = Parser(__doc__)
+    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
+    return parser
 
 
 @cli_entry
 def main(argv=None):
-    args = common_parser(__doc__, {"dataset": DATASET, "result_dir": RESULT_DIR}).parse_args(argv)
-    paths = result_paths(args)
+    paths = result_paths(build_parser().parse_args(argv))
     create_folders(paths)
     print(f"created {', '.join(str(f) for f in paths.folders())}")
 

@@ -93,7 +93,7 @@ def main():
     prompt, label = random_inputs(args, seed=1, device=args.device)
     att = Attributor(model)
     fused = lambda: att.score_sample(prompt, label, step_mode=args.step_mode,  # noqa: E731
-                                     step_batch_size=args.step_batch_size)
+                                     batch_size=args.step_batch_size)
     fused()  # warm-up
     # a subset of layers spread evenly over depth: a naive site's backward stops at its layer, so the
     # first layers alone would overstate the naive cost
@@ -117,7 +117,7 @@ def main():
            "speedup": t_slow_all / t_fast, "max_rel_err_vs_naive": err}
     if args.ig_steps:
         t_ig, ig = timed(lambda: att.score_sample(prompt, label, gradients=False, ig_steps=args.ig_steps,
-                                                  ig_batch_size=args.ig_batch_size), args.device)
+                                                  batch_size=args.ig_batch_size), args.device)
         t_ig_slow, ig_slow = timed(lambda: reference_scores(model, prompt, label, ig_steps=args.ig_steps,
                                                             use_cache=True, gradients=False, layers=layers),
                                    args.device)

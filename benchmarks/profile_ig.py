@@ -117,7 +117,7 @@ def main(argv=None):
     samples = [(torch.tensor([q], device=device), lab) for q, lab in zip(prompts, labels)]
     tokens = sum(map(len, labels))
     att = Attributor(model)
-    run_mode(att, model, device, samples[:1], gradients=False, ig_steps=2, ig_batch_size=args.batch_size,
+    run_mode(att, model, device, samples[:1], gradients=False, ig_steps=2, batch_size=args.batch_size,
              ig_packed=True)   # warm-up
     table, res = [], {}
 
@@ -131,11 +131,11 @@ def main(argv=None):
 
     k_old = min(args.old_num_data, len(samples))
     s_old, n_old, out_old, peak_old = run_mode(att, model, device, samples[:k_old], gradients=False,
-                                               ig_steps=args.ig_steps, ig_batch_size=args.old_batch_size,
+                                               ig_steps=args.ig_steps, batch_size=args.old_batch_size,
                                                ig_packed=False)
     add(f"IG-{args.ig_steps} old (per step, {args.old_batch_size})", s_old, n_old, peak_old, k_old)
     s_new, n_new, out_new, peak_new = run_mode(att, model, device, samples, gradients=False,
-                                               ig_steps=args.ig_steps, ig_batch_size=args.batch_size,
+                                               ig_steps=args.ig_steps, batch_size=args.batch_size,
                                                ig_packed=True)
     budget = att.position_budget(args.batch_size)
     err = max(rel_err(out_new[:k_old], out_old, f"ig_{c}") for c in ("attention", "mlp"))
@@ -144,7 +144,7 @@ def main(argv=None):
     if not args.skip_gradient:
         for mode in ("cached", "batched"):
             s, n, _, peak = run_mode(att, model, device, samples, gradients=True, step_mode=mode,
-                                     step_batch_size=budget)
+                                     batch_size=budget)
             add(f"gradient+gxo ({mode})", s, n, peak, len(samples))
     print(f"\n{args.model_name} ({args.dtype}) on {device}: {len(samples)} samples, {tokens} label tokens, "
           f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens; load {load_s:.1f} s, "
@@ -159,7 +159,7 @@ def main(argv=None):
                                                         if device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             run_mode(att, model, device, samples[:args.profile], gradients=False, ig_steps=args.ig_steps,
-                     ig_batch_size=args.batch_size, ig_packed=True)
+                     batch_size=args.batch_size, ig_packed=True)
         key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
     if args.json:

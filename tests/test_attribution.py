@@ -44,7 +44,7 @@ def test_fused_gradient_gxo_magnitude_match_naive_loop(arch_model, use_cache):
 def test_batched_ig_matches_naive_ig_loop(arch_model, chunk):
     _, model = arch_model
     prompt, label = random_sample(23, prompt_len=5, label_len=3)
-    fast = Attributor(model).score_sample(prompt, label, ig_steps=3, ig_batch_size=chunk)
+    fast = Attributor(model).score_sample(prompt, label, ig_steps=3, batch_size=chunk)
     slow = reference_scores(model, prompt, label, ig_steps=3, gradients=False)
     for comp in ("attention", "mlp"):
         assert_close(fast[f"ig_{comp}"], slow[f"ig_{comp}"], f"ig_{comp} (chunk {chunk})")
@@ -55,7 +55,7 @@ def test_batched_ig_matches_naive_ig_loop_on_gpt2():
     from conftest import tiny_gpt2
     model = tiny_gpt2()
     prompt, label = random_sample(29, prompt_len=4, label_len=3)
-    fast = Attributor(model).score_sample(prompt, label, ig_steps=2, ig_batch_size=9)
+    fast = Attributor(model).score_sample(prompt, label, ig_steps=2, batch_size=9)
     slow = reference_scores(model, prompt, label, ig_steps=2, gradients=False)
     for comp in ("attention", "mlp"):
         assert_close(fast[f"ig_{comp}"], slow[f"ig_{comp}"], f"gpt2 ig_{comp}")
@@ -72,7 +72,7 @@ def test_ig_rows_join_at_their_own_layer(arch_model):
                                                                            else out).shape[0]))
                for block in att.layout.decoder_layers]
     try:
-        att.score_sample(prompt, label, ig_steps=3, ig_batch_size=10_000)
+        att.score_sample(prompt, label, ig_steps=3, batch_size=10_000)
     finally:
         for h in handles:
             h.remove()
@@ -135,12 +135,12 @@ def test_step_batched_scores_match_naive_loop(arch_model, chunk):
     """All steps teacher-forced as one batch (the GPU path) equals the per-step naive loop."""
     _, model = arch_model
     prompt, label = random_sample(31, prompt_len=6, label_len=5)
-    fast = Attributor(model).score_sample(prompt, label, step_mode="batched", step_batch_size=chunk)
+    fast = Attributor(model).score_sample(prompt, label, step_mode="batched", batch_size=chunk)
     slow = reference_scores(model, prompt, label)
     assert set(fast) == set(slow)
     for key in slow:
         assert_close(fast[key], slow[key], f"{key} (chunk {chunk})")
-    mags = Attributor(model).score_sample(prompt, label, gradients=False, step_mode="batched", step_batch_size=chunk)
+    mags = Attributor(model).score_sample(prompt, label, gradients=False, step_mode="batched", batch_size=chunk)
     for comp in ("attention", "mlp"):
         assert_close(mags[f"magnitude_{comp}"], slow[f"magnitude_{comp}"], comp)
 
@@ -152,11 +152,32 @@ def test_step_modes_are_checked(arch_model):
         Attributor(model).score_sample(prompt, label, step_mode="fast")
     with pytest.raises(ValueError, match="cached"):
         Attributor(model).score_sample(prompt, label, ig_steps=2, step_mode="batched")
-    # auto on the CPU is the cached path: identical to it bit for bit
+
+
+def test_auto_step_mode_choice():
+    """auto picks batched for gradient/GxO on CUDA only; IG and CPUs run cached; explicit modes stay."""
+    from utils.attribution import resolve_step_mode
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_step_mode("auto", gpu, ig=False) == "batched"
+    assert resolve_step_mode("auto", gpu, ig=True) == "cached"
+    assert resolve_step_mode("auto", cpu, ig=False) == "cached"
+    assert resolve_step_mode("auto", cpu, ig=True) == "cached"
+    assert resolve_step_mode("batched", cpu, ig=False) == "batched"
+    assert resolve_step_mode("cached", gpu, ig=False) == "cached"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto differs from cached only on CUDA")
+def test_auto_on_cuda_runs_the_batched_path(arch_model):
+    """On CUDA auto must be the batched path (bit for bit), not the cached one it equals on a CPU."""
+    import copy
+
+    model = copy.deepcopy(arch_model[1]).cuda()   # the fixture's model is shared with other tests
+    prompt, label = random_sample(2)
     auto = Attributor(model).score_sample(prompt, label, step_mode="auto")
-    cached = Attributor(model).score_sample(prompt, label, step_mode="cached")
-    for key in cached:
-        assert torch.equal(auto[key], cached[key])
+    batched = Attributor(model).score_sample(prompt, label, step_mode="batched")
+    for key in batched:
+        assert torch.equal(auto[key], batched[key]), key
 
 
 def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
@@ -170,7 +191,7 @@ def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
     handle = last.register_forward_hook(lambda m, a, out: shapes.append(tuple((out[0] if isinstance(out, tuple)
                                                                                  else out).shape[:2])))
     try:
-        att.score_sample(prompt, label, gradients=False, ig_steps=3, ig_batch_size=12)
+        att.score_sample(prompt, label, gradients=False, ig_steps=3, batch_size=12)
     finally:
         handle.remove()
     elements = 2 * 3 * 3                     # components x layers x steps

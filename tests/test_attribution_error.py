@@ -146,16 +146,17 @@ def test_summary_and_figure(error_run):
 
 def test_other_batch_split_gives_the_same_rows_and_bad_flags_fail_cleanly(error_run, capsys):
     from utils.attribution_error import sample_rows
-    from utils.cli import common_parser, open_run
+    import attribution_error as script
+    from utils.run import open_run
     from utils.sites import SiteHooks
     from utils.sweep import load_metric_scores
 
     where = ["--result_dir", str(error_run["result"]), "--device", "cpu"]
-    run = open_run(common_parser("", {}).parse_args(where))
+    run = open_run(script.build_parser().parse_args(where))
     per_metric, _ = load_metric_scores(run, list(ERROR_METRICS), explicit=True)
     with SiteHooks(run.model, run.layout) as hooks:
         again = [r for i in range(run.num_data)
-                 for r in sample_rows(run, hooks, per_metric, i, num_units=6, num_steps=2, seed=0, batch_rows=64)]
+                 for r in sample_rows(run, hooks, per_metric, i, num_units=6, num_steps=2, seed=0, batch_size=64)]
     assert len(again) == len(error_run["rows"])
     for a, b in zip(again, error_run["rows"]):   # one pass per step instead of passes of 5: same units, losses
         assert (a["sample"], a["step"], a["component"], a["layer"], a["unit"]) == \

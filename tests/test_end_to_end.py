@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import write_qa_file
-from utils.provenance import run_id_of
+from utils.labelset import run_id_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -245,7 +245,7 @@ def llama_copy(pipeline, tmp_path):
 
 
 def test_sweep_with_every_source(pipeline, llama_copy, capsys):
-    from main import sweep_settings
+    from main import parse as parse_sweep
     from utils.paths import ResultPaths
     from utils.sweep import sweep_done
 
@@ -285,14 +285,14 @@ def test_sweep_with_every_source(pipeline, llama_copy, capsys):
 
     paths = ResultPaths(llama_copy)
     run_id = pipeline.labels["run_id"]
-    assert sweep_done(paths, run_id, sweep_settings([str(a) for a in argv]))
-    assert not sweep_done(paths, run_id, sweep_settings([str(a) for a in argv] + ["--ratios", "0.0", "0.5"]))
-    assert not sweep_done(paths, run_id, sweep_settings([str(a) for a in argv] + ["--plot_metric", "bleu"]))
-    assert not sweep_done(paths, "another-run", sweep_settings([str(a) for a in argv]))
+    assert sweep_done(paths, run_id, parse_sweep([str(a) for a in argv])[1])
+    assert not sweep_done(paths, run_id, parse_sweep([str(a) for a in argv] + ["--ratios", "0.0", "0.5"])[1])
+    assert not sweep_done(paths, run_id, parse_sweep([str(a) for a in argv] + ["--plot_metric", "bleu"])[1])
+    assert not sweep_done(paths, "another-run", parse_sweep([str(a) for a in argv])[1])
     gxo = paths.score("gxo", "mlp")
     gxo.write_bytes(gxo.read_bytes())            # rewritten after the sweep: its results may be stale
     os.utime(gxo, ns=(1, 1))
-    assert not sweep_done(paths, run_id, sweep_settings([str(a) for a in argv]))
+    assert not sweep_done(paths, run_id, parse_sweep([str(a) for a in argv])[1])
 
     # a later sweep with fewer metrics and sources replaces the results: nothing stale stays beside them
     (res / "notes.txt").write_text("mine")
@@ -306,7 +306,7 @@ def test_sweep_with_every_source(pipeline, llama_copy, capsys):
 
 
 def test_metric_all_skips_missing_files_only(pipeline, llama_copy, capsys):
-    from main import sweep_settings
+    from main import parse as parse_sweep
     from utils.paths import ResultPaths
     from utils.sweep import sweep_done
 
@@ -320,10 +320,10 @@ def test_metric_all_skips_missing_files_only(pipeline, llama_copy, capsys):
     curves = json.loads((llama_copy / "res" / "both" / "results.json").read_text())["curves"]
     assert list(curves) == [m for m in METRICS if m != "ig"]
     paths, run_id = ResultPaths(llama_copy), pipeline.labels["run_id"]
-    assert sweep_done(paths, run_id, sweep_settings([str(a) for a in where]))
+    assert sweep_done(paths, run_id, parse_sweep([str(a) for a in where])[1])
     for name in ("ig_attention_list.pt", "ig_attention_list.meta.json"):
         (llama_copy / name).rename(ig / name)       # IG arrives: the sweep is no longer complete
-    assert not sweep_done(paths, run_id, sweep_settings([str(a) for a in where]))
+    assert not sweep_done(paths, run_id, parse_sweep([str(a) for a in where])[1])
 
     path = ig / "gxo_attention_list.pt"             # a damaged file is an error naming it, not a skip
     tensors = torch.load(path, weights_only=True)

@@ -243,7 +243,6 @@ def test_load_samples_errors(tmp_path, qa_file):
     assert raises(load_samples, "truthful-qa").startswith("unknown dataset 'truthful-qa': use truthfulqa, ")
     msg = raises(load_samples, str(qa_file), 4)
     assert msg == f"--num_data 4 is larger than the dataset (3 samples in {qa_file}); use --num_data 3 or less"
-    assert raises(load_samples, str(qa_file), 0) == "--num_data must be at least 1 (got 0)"
     csv_file = tmp_path / "qa.csv"
     csv_file.write_text("question,best_answer\nWhat is 2+2?,Four\n,Nothing\n")
     assert raises(load_samples, str(csv_file)) == (f"{csv_file}, row 1 has no 'question' text; "
@@ -266,7 +265,7 @@ def test_load_samples_errors(tmp_path, qa_file):
 
 
 def test_load_labels_errors(tmp_path):
-    from utils.provenance import load_labels
+    from utils.labelset import load_labels
 
     path = tmp_path / "labels.json"
     assert raises(load_labels, path) == (f"no labels at {path}: run label_generation.py first "
@@ -277,7 +276,8 @@ def test_load_labels_errors(tmp_path):
 
 
 def test_load_scores_errors(run_copy, scored, tiny_model_dirs):
-    from utils.provenance import load_labels, load_scores, meta_path
+    from utils.labelset import load_labels
+    from utils.provenance import load_scores, meta_path
 
     result, where = run_copy
     labels = load_labels(result / "labels.json")
@@ -357,7 +357,8 @@ def test_device_dtype_and_prompt_format_errors(monkeypatch):
 
 
 def test_check_requested(run_copy):
-    from utils.provenance import check_requested, load_labels
+    from utils.labelset import load_labels
+    from utils.provenance import check_requested
 
     result, _ = run_copy
     labels = load_labels(result / "labels.json")

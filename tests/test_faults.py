@@ -207,7 +207,8 @@ def test_new_labels_move_the_previous_runs_files(run_copy, scored, capsys):
     new = json.loads((result / "labels.json").read_text())
     assert len(new["labels"]) == 1 and new["run_id"] != old_id
     assert (f"note: {result / 'labels.json'} (run {old_id}: {scored.model_dir}, 2 samples) will be replaced "
-            f"(num_data changed); its score and sweep files will move to {result / 'previous_runs' / old_id}/") in err
+            f"(num_data changed); its 2 score file(s) (magnitude) and the 2 sweep file(s) (curves, figures) in "
+            f"{result / 'res' / 'both'} will move to {result / 'previous_runs' / old_id}/") in err
     assert f"{result / 'labels.json'} now holds run {new['run_id']}: moved {len(before)} file(s)" in err
     for path, content in before.items():
         assert not path.exists()

@@ -125,7 +125,7 @@ def test_integrated_gradients_are_complete(arch):
     prompt, label = random_sample(13, prompt_len=5, label_len=3)
     att = Attributor(model)
     ns = (16, 64, 256)
-    igs = {n: att.score_sample(prompt, label, gradients=False, ig_steps=n, ig_batch_size=4096) for n in ns}
+    igs = {n: att.score_sample(prompt, label, gradients=False, ig_steps=n, batch_size=4096) for n in ns}
     d = layout.head_dim
     checked = 0
     for t in (1, 2):

@@ -40,8 +40,8 @@ def test_packed_ig_matches_per_step_path_and_naive_loop(arch_model):
     slow = reference_scores(model, prompt, label, ig_steps=3, gradients=False)
     for budget in (5, 40, 100_000):
         packed, sizes = passes_of(model, lambda: att.score_sample(prompt, label, ig_steps=3, gradients=False,
-                                                                  ig_batch_size=budget, ig_packed=True))
-        per_step = att.score_sample(prompt, label, ig_steps=3, gradients=False, ig_batch_size=budget,
+                                                                  batch_size=budget, ig_packed=True))
+        per_step = att.score_sample(prompt, label, ig_steps=3, gradients=False, batch_size=budget,
                                     ig_packed=False)
         assert set(packed) == set(per_step) == set(slow)
         for key in slow:
@@ -58,7 +58,7 @@ def test_packed_ig_keeps_gradient_and_gxo(arch_model):
     _, model = arch_model
     prompt, label = random_sample(33, prompt_len=5, label_len=3)
     att = Attributor(model)
-    packed = att.score_sample(prompt, label, ig_steps=1, ig_batch_size=1000, ig_packed=True)
+    packed = att.score_sample(prompt, label, ig_steps=1, batch_size=1000, ig_packed=True)
     plain = att.score_sample(prompt, label)
     for key in plain:
         assert_close(packed[key], plain[key], key)
@@ -74,7 +74,7 @@ def test_packed_ig_with_sliding_window_layers():
         model = tiny_gemma(sliding_window=window, seed=2)
         att = Attributor(model)
         assert att.can_pack_ig(5, 4) is packs
-        fast, sizes = passes_of(model, lambda: att.score_sample(prompt, label, ig_steps=2, ig_batch_size=10_000,
+        fast, sizes = passes_of(model, lambda: att.score_sample(prompt, label, ig_steps=2, batch_size=10_000,
                                                                         ig_packed=True))
         multi_step = [s for s in sizes if s[1] == 1 and s[0] > 1 + 2 * 3 * 2]
         assert bool(multi_step) is packs
@@ -88,7 +88,7 @@ def test_packed_ig_on_gpt2():
     from conftest import tiny_gpt2
     model = tiny_gpt2()
     prompt, label = random_sample(41, prompt_len=4, label_len=3)
-    fast = Attributor(model).score_sample(prompt, label, ig_steps=2, ig_batch_size=10_000, ig_packed=True)
+    fast = Attributor(model).score_sample(prompt, label, ig_steps=2, batch_size=10_000, ig_packed=True)
     slow = reference_scores(model, prompt, label, ig_steps=2, gradients=False)
     for comp in ("attention", "mlp"):
         assert_close(fast[f"ig_{comp}"], slow[f"ig_{comp}"], f"gpt2 ig_{comp}")
@@ -98,7 +98,7 @@ def test_progress_counts_every_step_once():
     from conftest import tiny_llama
     prompt, label = random_sample(43, prompt_len=4, label_len=5)
     ticks = []
-    Attributor(tiny_llama()).score_sample(prompt, label, ig_steps=2, ig_batch_size=30, ig_packed=True,
+    Attributor(tiny_llama()).score_sample(prompt, label, ig_steps=2, batch_size=30, ig_packed=True,
                                           on_step=lambda: ticks.append(1))
     assert len(ticks) == 5
 
@@ -114,7 +114,7 @@ def test_packed_pass_respects_the_position_budget():
     w = att._cache_weight()
     assert 0 < w < 1
     _, sizes = passes_of(model, lambda: att.score_sample(prompt, label, gradients=False, ig_steps=3,
-                                                         ig_batch_size=40, ig_packed=True))
+                                                         batch_size=40, ig_packed=True))
     packed = [s[0] for s in sizes if s[1] == 1 and s[0] > 1]
     most = int(40 // (1 + w * 6))
     assert all(r - 2 <= most for r in packed)
@@ -126,6 +126,6 @@ def test_packing_is_the_cuda_default(arch_model):
     _, model = arch_model
     prompt, label = random_sample(53, prompt_len=4, label_len=3)
     _, sizes = passes_of(model, lambda: Attributor(model).score_sample(prompt, label, gradients=False, ig_steps=2,
-                                                                       ig_batch_size=10_000))
+                                                                       batch_size=10_000))
     # per later step: its IG pass (one embedded row, the staggered batch grows from it) and its dense pass
     assert [tuple(s) for s in sizes if s[1] == 1] == [(1, 1)] * 4

@@ -150,3 +150,19 @@ def test_layer_and_ratio_lists_that_would_skew_the_sweep_are_refused():
     with pytest.raises(PipelineError, match="outside"):
         check_ratios([0.2, 1.5])
     assert check_ratios([0, 0.5]) == [0.0, 0.5]
+
+
+def test_head_mean_and_its_undo():
+    """A head's score is the mean over its dims (the files' convention); head_sum gives back the sum a
+    removal changes; neurons pass through both unchanged."""
+    from utils.units import head_mean, head_sum
+
+    torch.manual_seed(3)
+    values = torch.randn(5, 2, 12, dtype=torch.float64)       # [T, L, heads x head_dim], head_dim 4
+    means = head_mean(ATTN, values, 4)
+    assert means.shape == (5, 2, 3)
+    for h in range(3):
+        dims = values[..., 4 * h:4 * h + 4]
+        assert torch.allclose(means[..., h], sum(dims.unbind(-1)) / 4, rtol=1e-12, atol=0)
+        assert torch.allclose(head_sum(ATTN, means, 4)[..., h], sum(dims.unbind(-1)), rtol=1e-12, atol=1e-15)
+    assert torch.equal(head_mean(MLP, values, 4), values) and torch.equal(head_sum(MLP, values, 4), values)

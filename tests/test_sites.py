@@ -8,12 +8,6 @@ from utils.errors import PipelineError
 from utils.sites import ATTN, MLP, SiteHooks, locate_units
 
 
-def capture_inputs(module):
-    seen = {}
-    handle = module.register_forward_hook(lambda m, args, out: seen.setdefault("x", args[0].detach().clone()))
-    return seen, handle
-
-
 def test_layouts_of_supported_architectures(arch_model):
     arch, model = arch_model
     layout = locate_units(model)

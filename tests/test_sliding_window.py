@@ -46,7 +46,7 @@ def test_the_window_matters_for_these_lengths():
 def test_cached_scores_equal_the_no_cache_reference_beyond_the_window():
     model = tiny_gemma(sliding_window=WINDOW)
     prompt, label = sample(5)
-    fast = Attributor(model).score_sample(prompt, label, ig_steps=3, ig_batch_size=64)
+    fast = Attributor(model).score_sample(prompt, label, ig_steps=3, batch_size=64)
     slow = reference_scores(model, prompt, label, ig_steps=3, use_cache=False)
     assert set(slow) <= set(fast)
     for key in slow:
@@ -56,7 +56,7 @@ def test_cached_scores_equal_the_no_cache_reference_beyond_the_window():
 def test_batched_steps_equal_the_no_cache_reference_beyond_the_window():
     model = tiny_gemma(sliding_window=WINDOW)
     prompt, label = sample(6)
-    fast = Attributor(model).score_sample(prompt, label, step_mode="batched", step_batch_size=30)
+    fast = Attributor(model).score_sample(prompt, label, step_mode="batched", batch_size=30)
     slow = reference_scores(model, prompt, label, use_cache=False)
     for key in slow:
         assert_close(fast[key], slow[key], key)

@@ -13,8 +13,8 @@ gradient.  Below its own layer an element is the dense model, so the batch is *s
 the dense model from the embeddings up, and an element's row joins at the input of its layer as a copy
 of row 0 (detached: its gradient is only needed from its site upward).  Layer l thus runs
 1 + (elements of layers <= l) rows, about half the arithmetic of running every element through every
-layer, and each backward stops at its element's layer.  ``ig_batch_size`` bounds the token positions a
-pass computes (memory): the prompt step fits ``ig_batch_size // prompt length`` elements in a pass.
+layer, and each backward stops at its element's layer.  ``batch_size`` bounds the token positions a
+pass computes (memory): the prompt step fits ``batch_size // prompt length`` elements in a pass.
 
 Steps t >= 1 compute one position each, so one step per pass leaves a GPU idle on per-pass overhead.
 On CUDA (``ig_packed``) the dense steps run first and their final KV cache is kept; the elements of
@@ -26,11 +26,11 @@ carry their rotary positions, so where a prefix sits in the array changes nothin
 adds exactly zero to attention.  A row then costs its one position plus its cache slots, weighted by
 what a cached position holds in memory relative to a computed one (``_cache_weight``).  Sliding-window
 layers drop old positions and would count pad slots, so a sequence longer than the window keeps the
-one-step-per-pass path.  ``ig_batch_size=None`` picks the budget from free CUDA memory.
+one-step-per-pass path.  ``batch_size=None`` picks the budget from free CUDA memory.
 
 ``step_mode="batched"`` computes gradient, GxO and magnitudes of all steps of a sample as one batch
 instead (no integrated gradients): element t is the whole teacher-forced sequence prompt + label[:T-1]
-with its probe and loss at position P-1+t (``step_batch_size // (P+T-1)`` elements per pass).
+with its probe and loss at position P-1+t (``batch_size // (P+T-1)`` elements per pass).
 Causal attention makes the positions after P-1+t irrelevant to that loss, so this equals the per-step
 computation; it does T times the arithmetic in a few large passes, which a GPU runs far faster than T
 small ones (a CPU does not: ``auto`` picks it on CUDA only).
@@ -39,51 +39,50 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .artifacts import score_key
 from .kv_cache import (cache_argument_name, detach_cache_, forward_kwargs, mapped_cache, output_cache,
                        repeated_cache)
 from .sites import ATTN, COMPONENTS, SiteHooks
+from .units import head_mean
 
 SCORE_METRICS = ("gradient", "gxo", "ig")
 DEFAULT_POSITION_BUDGET = 2048   # token positions per pass where free memory cannot be asked (CPU)
 STEP_MODES = ("auto", "cached", "batched")
 
 
-@dataclass
-class StepScores:
-    """Scores of one step; each tensor is float32 ``[L, units]`` (``grad_norm``: ``[L]``)."""
-    magnitude: dict = field(default_factory=dict)
-    gradient: dict = field(default_factory=dict)
-    gxo: dict = field(default_factory=dict)
-    ig: dict = field(default_factory=dict)
-    grad_norm: dict = field(default_factory=dict)
-
-
 def unit_scores(comp: str, x: torch.Tensor, g: torch.Tensor | None, head_dim: int) -> dict:
-    """Magnitude, gradient and GxO of one site from its output ``x`` and gradient ``g`` (both ``[W]``)."""
+    """Magnitude, gradient and GxO of one site from its output ``x`` and gradient ``g`` (both ``[W]``);
+    a head's magnitude is the norm of its output slice, its gradient and GxO per-head means (utils/units.py)."""
     x = x.float()
     if comp == ATTN:
-        xh = x.view(-1, head_dim)
-        out = {"magnitude": xh.norm(dim=-1)}
-        if g is not None:
-            gh = g.float().view(-1, head_dim)
-            out.update(gradient=gh.mean(-1), gxo=(gh * xh).mean(-1), grad_norm=g.float().norm())
+        out = {"magnitude": x.view(-1, head_dim).norm(dim=-1)}
     else:
         out = {"magnitude": x.abs()}
-        if g is not None:
-            g = g.float()
-            out.update(gradient=g, gxo=g * x, grad_norm=g.norm())
+    if g is not None:
+        g = g.float()
+        out.update(gradient=head_mean(comp, g, head_dim), gxo=head_mean(comp, g * x, head_dim), grad_norm=g.norm())
     return out
 
 
 def ig_from_gradients(comp: str, x: torch.Tensor, g_mean: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """IG of one site: ``x ⊙ mean_k g(alpha_k)``, averaged over each head's dims."""
-    prod = x.float() * g_mean.float()
-    return prod.view(-1, head_dim).mean(-1) if comp == ATTN else prod
+    """IG of one site: ``x ⊙ mean_k g(alpha_k)``, a per-head mean for heads."""
+    return head_mean(comp, x.float() * g_mean.float(), head_dim)
+
+
+def resolve_step_mode(step_mode: str, device: torch.device, ig: bool) -> str:
+    """``auto`` -> ``batched`` for gradient/GxO on CUDA, ``cached`` otherwise (IG always runs cached; a CPU
+    pays for arithmetic, which batching multiplies, not for passes)."""
+    if step_mode not in STEP_MODES:
+        raise ValueError(f"step_mode must be one of {STEP_MODES}, not {step_mode!r}")
+    if step_mode == "auto":
+        return "batched" if torch.device(device).type == "cuda" and not ig else "cached"
+    if step_mode == "batched" and ig:
+        raise ValueError("integrated gradients run in step_mode='cached'")
+    return step_mode
 
 
 class Attributor:
@@ -385,38 +384,31 @@ class Attributor:
 
     # -- one sample -------------------------------------------------------------------------------
     def score_sample(self, prompt_ids: torch.Tensor, label_ids: list[int], *, gradients: bool = True,
-                     ig_steps: int = 0, ig_batch_size: int | None = DEFAULT_POSITION_BUDGET, on_step=None,
-                     step_mode: str = "cached", step_batch_size: int = DEFAULT_POSITION_BUDGET,
-                     ig_packed: bool | None = None) -> dict:
+                     ig_steps: int = 0, batch_size: int | None = DEFAULT_POSITION_BUDGET, on_step=None,
+                     step_mode: str = "cached", ig_packed: bool | None = None) -> dict:
         """Scores for every step of one sample.
 
         Returns a dict of float32 CPU tensors: ``magnitude_{attention,mlp}`` ``[T, L, units]``, and when
         ``gradients``: ``gradient_*``, ``gxo_*`` and ``grad_norm_*`` (``[T, L]``); when ``ig_steps``:
         ``ig_*``.  ``step_mode``: ``cached`` (one token per pass against the KV cache), ``batched`` (all
-        steps as one batch; not with IG) or ``auto`` (batched on CUDA).  ``ig_batch_size`` and
-        ``step_batch_size`` bound the token positions one forward/backward pass computes (memory); a
-        cached position held by an IG row counts as ``_cache_weight()`` of one.  ``ig_batch_size=None``
+        steps as one batch; not with IG) or ``auto`` (:func:`resolve_step_mode`).  ``batch_size`` bounds
+        the token positions one forward/backward pass computes (memory), for IG and for batched steps; a
+        cached position held by an IG row counts as ``_cache_weight()`` of one.  ``batch_size=None``
         chooses it from free device memory (:meth:`position_budget`).  ``ig_packed`` runs the IG elements of
         several steps per pass (:meth:`_packed_ig_steps`); False: one step per pass; None (default):
         packed on CUDA only (on a CPU it measured no faster: the arithmetic, not the pass count, bounds it).
         """
         device = next(self.model.parameters()).device
-        if step_mode not in STEP_MODES:
-            raise ValueError(f"step_mode must be one of {STEP_MODES}, not {step_mode!r}")
-        if step_mode == "auto":
-            step_mode = "batched" if device.type == "cuda" and not ig_steps else "cached"
-        if step_mode == "batched" and ig_steps:
-            raise ValueError("integrated gradients run in step_mode='cached'")
+        step_mode = resolve_step_mode(step_mode, device, ig=bool(ig_steps))
         prompt_ids = prompt_ids.to(device)
         labels = torch.tensor(label_ids, dtype=torch.long, device=device)
         hd = self.layout.head_dim
         P, T = prompt_ids.shape[1], len(label_ids)
-        auto_budget = ig_steps and not ig_batch_size
-        if ig_steps:
-            ig_batch_size = self.position_budget(ig_batch_size)
+        auto_budget = not batch_size
+        batch_size = self.position_budget(batch_size)
         steps: list[dict] = []
         cache = None
-        batched = (self._batched_steps(prompt_ids, labels, gradients, step_batch_size)
+        batched = (self._batched_steps(prompt_ids, labels, gradients, batch_size)
                    if step_mode == "batched" and label_ids else None)
         precomputed = None
         if ig_packed is None:   # packing saves passes, which a GPU pays for; a CPU pays for arithmetic
@@ -432,14 +424,14 @@ class Attributor:
             while True:
                 done_before, ticked[0] = max(done_before, ticked[0]), 0
                 try:
-                    precomputed = self._packed_sample(prompt_ids, labels, gradients, ig_steps, ig_batch_size, tick)
+                    precomputed = self._packed_sample(prompt_ids, labels, gradients, ig_steps, batch_size, tick)
                     break
                 except torch.OutOfMemoryError:
                     # the automatic budget is an estimate: halve it for this and later samples
-                    if not auto_budget or ig_batch_size <= DEFAULT_POSITION_BUDGET:
+                    if not auto_budget or batch_size <= DEFAULT_POSITION_BUDGET:
                         raise
                     torch.cuda.empty_cache()
-                    ig_batch_size = self._budget_cap = ig_batch_size // 2
+                    batch_size = self._budget_cap = batch_size // 2
         for t in range(T):
             ig = None
             if precomputed is not None:
@@ -449,16 +441,16 @@ class Attributor:
             else:
                 step_input = prompt_ids if t == 0 else labels[t - 1:t].view(1, 1)
                 target = labels[t:t + 1]
-                ig = self._ig_step(step_input, target, cache, ig_steps, ig_batch_size) if ig_steps else None
+                ig = self._ig_step(step_input, target, cache, ig_steps, batch_size) if ig_steps else None
                 xs, grads, cache = self._dense_step(step_input, target, cache, with_grad=gradients)
             row = {}
             for c in COMPONENTS:
                 per_layer = [unit_scores(c, xs[c][l][0], grads[(c, l)][0] if grads else None, hd)
                              for l in range(self.layout.num_layers)]
                 for key in per_layer[0]:
-                    row[f"{key}_{c}"] = torch.stack([p[key] for p in per_layer])
+                    row[score_key(key, c)] = torch.stack([p[key] for p in per_layer])
                 if ig is not None:
-                    row[f"ig_{c}"] = torch.stack([ig_from_gradients(c, xs[c][l][0], ig[(c, l)], hd)
+                    row[score_key("ig", c)] = torch.stack([ig_from_gradients(c, xs[c][l][0], ig[(c, l)], hd)
                                                   for l in range(self.layout.num_layers)])
             steps.append(row)
             if on_step is not None and precomputed is None:
@@ -472,7 +464,7 @@ class Attributor:
         for c in COMPONENTS:
             U = self.layout.units(c)
             names = ["magnitude"] + (["gradient", "gxo"] if gradients else []) + (["ig"] if ig_steps else [])
-            out.update({f"{n}_{c}": torch.zeros(0, L, U) for n in names})
+            out.update({score_key(n, c): torch.zeros(0, L, U) for n in names})
             if gradients:
-                out[f"grad_norm_{c}"] = torch.zeros(0, L)
+                out[score_key("grad_norm", c)] = torch.zeros(0, L)
         return out

@@ -28,6 +28,7 @@ from .io import save_figure, write_json
 from .kv_cache import cache_argument_name, detach_cache_, forward_kwargs, output_cache, repeated_cache
 from .masks import ranking
 from .sites import ATTN, COMPONENTS, SiteHooks
+from .units import head_sum
 
 ERROR_METRICS = ("gxo", "cor_gxo", "ig", "gradient", "magnitude")
 _TIMES_D = ("gradient", "gxo", "ig")      # per-head means: times d gives the head's summed first-order term
@@ -70,7 +71,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 def predicted_costs(metric: str, comp: str, scores: dict, head_dim: int) -> torch.Tensor:
     """``[T, L, units]``: the removal cost ``metric`` predicts for every unit of one sample."""
     keep = ranking(metric, comp, scores, head_dim, "paper")
-    return keep * head_dim if (metric in _TIMES_D and comp == ATTN) else keep
+    return head_sum(comp, keep, head_dim) if metric in _TIMES_D else keep
 
 
 def choose_units(layout, label_len: int, num_units: int, num_steps: int, seed: int, index: int):
@@ -90,7 +91,7 @@ def choose_units(layout, label_len: int, num_units: int, num_steps: int, seed: i
 
 @torch.no_grad()
 def removal_losses(model, hooks: SiteHooks, prompt_ids: torch.Tensor, label_ids: list[int], picks: dict,
-                   steps: list[int], batch_rows: int) -> dict:
+                   steps: list[int], batch_size: int) -> dict:
     """``{(t, comp, layer, unit): (delta_loss, dense_loss)}`` for every picked unit of every picked step."""
     layout = hooks.layout
     device = next(model.parameters()).device
@@ -103,8 +104,8 @@ def removal_losses(model, hooks: SiteHooks, prompt_ids: torch.Tensor, label_ids:
         step_input = prompt_ids.to(device) if t == 0 else labels[t - 1:t].view(1, 1)
         if t in steps:
             removals = [(comp, l, u) for comp in COMPONENTS for l, u in picks[(t, comp)]]
-            for start in range(0, len(removals), batch_rows):
-                chunk = removals[start:start + batch_rows]
+            for start in range(0, len(removals), batch_size):
+                chunk = removals[start:start + batch_size]
                 B = len(chunk) + 1                                     # row 0: the dense model
                 masks = {c: torch.ones(B, layout.num_layers, layout.units(c), device=device) for c in COMPONENTS}
                 for b, (comp, l, u) in enumerate(chunk, start=1):
@@ -121,14 +122,14 @@ def removal_losses(model, hooks: SiteHooks, prompt_ids: torch.Tensor, label_ids:
 
 
 def sample_rows(run, hooks, per_metric: dict, index: int, *, num_units: int, num_steps: int, seed: int,
-                batch_rows: int) -> list[dict]:
+                batch_size: int) -> list[dict]:
     layout, labels = run.layout, run.labels
     label = labels.label_ids[index]
     steps, picks = choose_units(layout, len(label), num_units, num_steps, seed, index)
     if not steps:
         return []
     prompt = torch.tensor([labels.prompt_ids[index]])
-    real = removal_losses(run.model, hooks, prompt, label, picks, steps, batch_rows)
+    real = removal_losses(run.model, hooks, prompt, label, picks, steps, batch_size)
     predicted = {}
     for metric, per_comp in per_metric.items():
         if index >= min(len(lst) for kinds in per_comp.values() for lst in kinds.values()):
@@ -194,11 +195,9 @@ def plot_scatter(rows: list[dict], summary: dict, metrics: list[str], stem, titl
 
 
 def measure_attribution_error(run, per_metric: dict, *, num_units: int, num_steps: int, seed: int,
-                              batch_rows: int) -> dict | None:
+                              batch_size: int) -> dict | None:
     """Write ``rows.json``, ``summary.json`` and ``scatter.png/.pdf`` under ``<result>/attribution_error/``
     and return the summary (None in the processes other than the first under torchrun)."""
-    if num_units < 1 or num_steps < 1 or batch_rows < 1:
-        raise PipelineError("--num_units, --steps and --batch_size must be at least 1")
     out_dir = run.paths.root / OUTPUT_DIR
     metrics = [m for m in ERROR_METRICS if m in per_metric]
     counts = {m: min(len(lst) for kinds in per_metric[m].values() for lst in kinds.values()) for m in metrics}
@@ -211,7 +210,7 @@ def measure_attribution_error(run, per_metric: dict, *, num_units: int, num_step
                  disable=not current_shard().is_main) as bar:
         def one(i):
             rows = sample_rows(run, hooks, per_metric, i, num_units=num_units, num_steps=num_steps, seed=seed,
-                               batch_rows=batch_rows)
+                               batch_size=batch_size)
             bar.update(1)
             return rows
 

@@ -147,7 +147,8 @@ def _hub_truthfulqa() -> list[dict]:
 
 
 def load_samples(dataset: str, num_data: int | None = None) -> list[Sample]:
-    """The first ``num_data`` samples of ``dataset`` (all of them when None)."""
+    """The first ``num_data`` samples of ``dataset`` (all of them when None; ``--num_data`` >= 1 is checked
+    when the flag is parsed, utils/flags.py)."""
     if dataset == HUB_TRUTHFULQA:
         rows, source = _hub_truthfulqa(), "truthful_qa (hub)"
     elif dataset == OFFLINE_TRUTHFULQA:
@@ -166,8 +167,6 @@ def load_samples(dataset: str, num_data: int | None = None) -> list[Sample]:
         raise PipelineError(f"{source} holds no samples; add rows with a 'question' and a 'best_answer' "
                             "(or a list of answers), or choose another --dataset")
     if num_data is not None:
-        if num_data < 1:
-            raise PipelineError(f"--num_data must be at least 1 (got {num_data})")
         if num_data > len(rows):
             raise PipelineError(f"--num_data {num_data} is larger than the dataset ({len(rows)} samples in "
                                 f"{source}); use --num_data {len(rows)} or less")

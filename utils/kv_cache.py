@@ -92,10 +92,3 @@ def mapped_cache(cache, fn):
         if hasattr(layer, "cumulative_length") and torch.is_tensor(getattr(layer, "keys", None)):
             layer.cumulative_length = int(layer.keys.shape[-2])
     return new
-
-
-def cache_length(cache) -> int:
-    """Positions held by the cache (its first layer's key tensor)."""
-    layers = getattr(cache, "layers", None)
-    keys = layers[0].keys if layers is not None else cache.key_cache[0]
-    return int(keys.shape[-2])

@@ -9,6 +9,7 @@ import torch
 
 from .errors import PipelineError
 from .sites import ATTN, MLP, ModelLayout
+from .units import head_sum
 
 METRIC_NAMES = ("magnitude", "gradient", "gxo", "snip", "cor_gxo", "ig", "wina")
 COR_GXO_VARIANTS = ("paper", "released")
@@ -43,9 +44,8 @@ def ranking(metric_name: str, comp: str, s: dict, head_dim: int, variant: str = 
         if variant == "released" and comp == ATTN:
             # the released code: per-head means, with the norm of the per-head mean gradients
             return -s["gxo"] + 0.5 * s["magnitude"] * s["gradient"].norm(dim=-1, keepdim=True)
-        d = head_dim if comp == ATTN else 1
         # -g·x (summed over the head's dims) plus half the paper's bound on the inter-layer error
-        return -d * s["gxo"] + 0.5 * s["magnitude"] * s["grad_norm"][..., None]
+        return -head_sum(comp, s["gxo"], head_dim) + 0.5 * s["magnitude"] * s["grad_norm"][..., None]
     raise PipelineError(f"unknown metric {metric_name!r}; choose one of {', '.join(METRIC_NAMES)}")
 
 
@@ -87,9 +87,7 @@ def keep_masks(scores: torch.Tensor, ratios) -> torch.Tensor:
     c = scores.shape[-1]
     ordered = scores.sort(dim=-1).values
     masks = []
-    for p in ratios:
-        if not 0.0 <= p < 1.0:
-            raise PipelineError(f"deactivation ratio {p} is outside [0, 1)")
+    for p in check_ratios(ratios):
         index = min(int(math.floor(p * c + 1e-9)), c - 1)  # +1e-9: 0.7*10 must give 7, not 6.999…
         masks.append(scores >= ordered[..., index:index + 1])
     return torch.stack(masks)

@@ -1,8 +1,9 @@
-"""The result folder's layout (METHOD §6)."""
+"""The result folder's layout (METHOD §6), from the artefact registry (utils/artifacts.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from . import artifacts
 from .data import dataset_short_name
 
 
@@ -13,17 +14,13 @@ def default_result_dir(dataset: str) -> Path:
 class ResultPaths:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.labels = self.root / "labels.json"
-        self.res = self.root / "res" / "both"
-
-    def magnitude(self, comp: str) -> Path:
-        return self.root / "magnitude" / f"magnitude_{comp}_list.pt"
+        self.labels = self.root / artifacts.LABELS.path
+        self.res = self.root / artifacts.SWEEP_DIR
+        self.results = self.root / artifacts.SWEEP_RESULTS.path
 
     def score(self, kind: str, comp: str) -> Path:
         """``kind``: magnitude, gradient, gxo, ig or grad_norm."""
-        if kind == "magnitude":
-            return self.magnitude(comp)
-        return self.root / "ig" / f"{kind}_{comp}_list.pt"
+        return self.root / artifacts.score(kind, comp).path
 
     def folders(self) -> list[Path]:
-        return [self.root / "ig", self.root / "magnitude", self.res]
+        return [self.root / folder for folder in artifacts.score_folders()] + [self.res]

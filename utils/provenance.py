@@ -1,67 +1,23 @@
 """What produced each file, so that a later step refuses to combine files from different runs.
 
-``labels.json`` holds the run's settings and a ``run_id`` (a hash of the settings and the label token
-ids).  Every score file ``X.pt`` has a ``X.meta.json`` beside it naming the ``run_id`` it was computed
-from; the ``.pt`` itself stays exactly the released pipeline's layout (a list of float32 tensors)."""
+``labels.json`` (utils/labelset.py) holds the run's settings and a ``run_id``.  Every score file ``X.pt``
+has a ``X.meta.json`` beside it naming the ``run_id`` it was computed from; the ``.pt`` itself stays
+exactly the released pipeline's layout (a list of float32 tensors)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import artifacts
 from .data import Sample, samples_fingerprint
 from .errors import PipelineError
 from .io import DAMAGED, note, read_json, write_json, write_torch
+from .labelset import LabelSet, load_labels
 from .models import resolve_dtype
 
 PROVENANCE_KEYS = ("model", "dataset", "prompt_format", "dtype", "seed")
-
-
-def run_id_of(settings: dict, label_ids: list[list[int]]) -> str:
-    blob = json.dumps({"settings": settings, "labels": label_ids}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@dataclass
-class LabelSet:
-    path: Path
-    settings: dict
-    run_id: str
-    texts: list[str]
-    label_ids: list[list[int]]
-    prompt_ids: list[list[int]]
-    sample_ids: list[str]
-    questions: list[str]
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def describe(self) -> str:
-        s = self.settings
-        return f"model {s['model']}, dataset {s['dataset']}, {len(self)} samples, {s['dtype']}"
-
-
-def load_labels(path: Path) -> LabelSet:
-    if not path.is_file():
-        raise PipelineError(f"no labels at {path}: run label_generation.py first "
-                            "(with the same --dataset / --result_dir)")
-    try:
-        data = read_json(path)
-        labels = LabelSet(path=path, settings=data["settings"], run_id=data["run_id"], texts=data["labels"],
-                          label_ids=data["label_token_ids"], prompt_ids=data["prompt_token_ids"],
-                          sample_ids=data["sample_ids"], questions=data["questions"])
-        sizes = {len(x) for x in (labels.texts, labels.label_ids, labels.prompt_ids, labels.sample_ids,
-                                  labels.questions)}
-        if len(sizes) != 1 or not isinstance(labels.settings, dict) or "model" not in labels.settings:
-            raise TypeError
-        return labels
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError):
-        raise PipelineError(f"{path} is damaged or not a labels file of this pipeline; rerun "
-                            "label_generation.py") from None
 
 
 def dtype_name(dtype: str) -> str:
@@ -89,7 +45,7 @@ def check_requested(requested: dict, labels: LabelSet) -> None:
         key, want, have = mismatch
         raise PipelineError(f"--{'model_name' if key == 'model' else key} {want} differs from the run that "
                             f"made {labels.path} ({key} = {have}); drop the flag to use the labels' "
-                            "setting, or rerun label_generation.py with it")
+                            f"setting, or rerun {artifacts.LABELS.producer} with it")
 
 
 def meta_path(path: Path) -> Path:
@@ -153,14 +109,13 @@ def labels_done(path: Path, requested: dict) -> bool:
         return False
     try:
         labels = load_labels(path)
-        have = labels.settings
-        if "samples_sha256" not in have:
-            # labels made before the fingerprint was recorded: it is computed from the samples they hold
-            refs = read_json(path)["references"]
-            have = dict(have, samples_sha256=samples_fingerprint(
-                [Sample(i, q, r) for i, q, r in zip(labels.sample_ids, labels.questions, refs)]))
-    except (PipelineError, KeyError, TypeError):
+    except PipelineError:
         return False
+    have = labels.settings
+    if "samples_sha256" not in have:
+        # labels made before the fingerprint was recorded: it is computed from the samples they hold
+        have = dict(have, samples_sha256=samples_fingerprint(
+            [Sample(i, q, r) for i, q, r in zip(labels.sample_ids, labels.questions, labels.references)]))
     return first_mismatch(requested, have) is None
 
 
@@ -204,7 +159,7 @@ def retire_previous_run(paths, run_id: str) -> list[Path]:
     in one line.  Returns the moved files' new paths."""
     root = paths.root
     moves = []
-    for folder in (root / "magnitude", root / "ig"):
+    for folder in (root / name for name in artifacts.score_folders()):
         if not folder.is_dir():
             continue
         for f in sorted(folder.glob("*_list.pt")):
@@ -217,7 +172,7 @@ def retire_previous_run(paths, run_id: str) -> list[Path]:
     if paths.res.is_dir():
         # files that record their labels run (results.json, <metric>.json) are judged by it; the others
         # (per_sample.json, results.csv, the figure) belong to whatever results.json belongs to
-        overall = _file_run_id(paths.res / "results.json") if (paths.res / "results.json").is_file() else None
+        overall = _file_run_id(paths.results) if paths.results.is_file() else None
         for f in sorted(paths.res.iterdir()):
             if not f.is_file() or f.name.startswith("."):
                 continue
@@ -233,7 +188,7 @@ def retire_previous_run(paths, run_id: str) -> list[Path]:
         moved.append(dst)
     dropped = 0
     for parts in [*root.glob("*/*.parts"), *root.glob("res/*/*.parts"), *root.glob("*.parts")]:
-        if parts.name == "labels.json.parts":
+        if parts.name == f"{artifacts.LABELS.path}.parts":   # the labels step's own checkpoint
             continue
         try:
             key = (parts / "key.txt").read_text()

@@ -70,10 +70,6 @@ class ModelLayout:
     def units(self, component: str) -> int:
         return self.num_heads if component == ATTN else self.intermediate
 
-    def width(self, component: str) -> int:
-        """Size of the hooked tensor's last dimension."""
-        return self.num_heads * self.head_dim if component == ATTN else self.intermediate
-
 
 def _decoder_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
     for module in model.modules():

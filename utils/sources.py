@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .artifacts import score_key
 from .errors import PipelineError
 from .masks import files_needed, keep_masks, output_weight_norms, ranking
 from .sites import COMPONENTS
@@ -73,7 +74,7 @@ def static_keep_scores(per_metric: dict, metric: str, samples, head_dim: int, va
 
 
 def prompt_scores(model, prompt_ids: torch.Tensor, metric: str, *, variant: str = "paper", ig_steps: int = 0,
-                  ig_batch_size: int = 2048, attributor=None) -> dict:
+                  batch_size: int | None = 2048, attributor=None) -> dict:
     """The ``prompt`` source's keep-scores ``{comp: [L, units]}`` of one request, computed live from the
     prompt alone: one dense forward over the prompt, the target being the model's own greedy next token
     (argmax of the dense logits), one backward (``ig_steps`` IG passes for ``ig``); then the ranking of
@@ -92,7 +93,7 @@ def prompt_scores(model, prompt_ids: torch.Tensor, metric: str, *, variant: str 
     attributor = attributor or Attributor(model)
     try:
         raw = attributor.score_sample(prompt_ids, [target], gradients=bool({"gradient", "gxo", "grad_norm"} & set(kinds)),
-                                      ig_steps=ig_steps if "ig" in kinds else 0, ig_batch_size=ig_batch_size,
+                                      ig_steps=ig_steps if "ig" in kinds else 0, batch_size=batch_size,
                                       step_mode="cached")
     finally:
         if own:
@@ -100,7 +101,7 @@ def prompt_scores(model, prompt_ids: torch.Tensor, metric: str, *, variant: str 
     norms = output_weight_norms(attributor.layout) if metric == "wina" else None
     out = {}
     for comp in COMPONENTS:
-        s = {kind: raw[f"{kind}_{comp}"] for kind in kinds}
+        s = {kind: raw[score_key(kind, comp)] for kind in kinds}
         if norms is not None:
             s["out_norm"] = norms[comp]
         out[comp] = ranking(metric, comp, s, attributor.layout.head_dim, variant)[0]

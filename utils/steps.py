@@ -6,17 +6,19 @@ import json
 import torch
 from tqdm.auto import tqdm
 
-from .attribution import STEP_MODES, Attributor
-from .cli import common_parser, open_run, seed_everything
+from . import artifacts
+from .attribution import Attributor
 from .data import load_samples, samples_fingerprint
 from .errors import PipelineError
 from .labels import greedy_labels, label_batch_size
+from .labelset import load_labels, new_labels, write_labels
 from .distributed import current_shard, lock_result_dir, map_samples, open_checkpoint, shard_device
-from .io import DAMAGED, note, read_json, write_json
+from .io import note
 from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
 from .paths import ResultPaths
 from .prompts import label_inputs, resolve_prompt_format
-from .provenance import dtype_name, retire_previous_run, run_id_of, write_scores
+from .provenance import PREVIOUS_RUNS, dtype_name, retire_previous_run, write_scores
+from .run import seed_everything
 from .sites import COMPONENTS
 
 
@@ -28,8 +30,9 @@ def create_folders(paths: ResultPaths) -> None:
 
 
 def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_data: int | None, device: str,
-                    dtype: str, seed: int, prompt_format: str) -> dict:
-    """Dense greedy labels (METHOD §2) -> ``labels.json``; returns its content.
+                    dtype: str, seed: int, prompt_format: str):
+    """Dense greedy labels (METHOD §2) -> ``labels.json``; returns them (a LabelSet; None in the processes
+    other than the first under torchrun).
 
     The settings include a fingerprint of the samples' content, so an edited dataset is a different run.
     Labels of a different run are replaced (said in one line before the work starts), and the previous
@@ -69,17 +72,14 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
         rows = map_samples(ckpt, len(samples), label_one, skipped=lambda i: bar.update(1))
     if rows is None:  # another process writes the file
         return None
-    label_ids = [r["label"] for r in rows]
-    content = {"labels": [r["text"] for r in rows], "label_token_ids": label_ids,
-               "prompt_token_ids": [r["prompt"] for r in rows], "sample_ids": [s.id for s in samples],
-               "questions": [s.question for s in samples], "references": [s.reference for s in samples],
-               "settings": settings, "run_id": run_id_of(settings, label_ids)}
+    labels = new_labels(paths.labels, settings, texts=[r["text"] for r in rows], label_ids=[r["label"] for r in rows],
+                        prompt_ids=[r["prompt"] for r in rows], samples=samples)
     # files of the run being replaced leave first: a crash in between leaves the old labels without their
     # scores (a later step says which to rerun), never new labels beside old scores
-    retire_previous_run(paths, content["run_id"])
-    write_json(paths.labels, content)
+    retire_previous_run(paths, labels.run_id)
+    write_labels(labels)
     ckpt.finish()
-    return content
+    return labels
 
 
 def _announce_replacement(paths: ResultPaths, settings: dict) -> None:
@@ -87,67 +87,66 @@ def _announce_replacement(paths: ResultPaths, settings: dict) -> None:
     if not paths.labels.is_file():
         return
     try:
-        old = read_json(paths.labels)
-        old_settings, old_id = old["settings"], old["run_id"]
-    except (*DAMAGED, AttributeError):
+        old = load_labels(paths.labels)
+    except PipelineError:
         note(f"{paths.labels} is damaged; it will be replaced")
         return
+    old_settings, old_id = old.settings, old.run_id
     changed = [k for k in ("model", "dataset", "num_data", "samples_sha256", "prompt_format", "dtype", "seed")
                if old_settings.get(k, settings[k] if k == "samples_sha256" else None) != settings[k]]
     if "num_data" in changed and "samples_sha256" in changed:
         changed.remove("samples_sha256")   # other samples, of course
     if changed:
         what = ", ".join("dataset content" if k == "samples_sha256" else k for k in changed)
+        scores = [a for a in artifacts.SCORES.values() if (paths.root / a.path).is_file()]
+        kinds = ", ".join(k for k in artifacts.SCORE_KINDS if any(a.kind == k for a in scores))
+        swept = [f for f in paths.res.iterdir() if f.is_file() and not f.name.startswith(".")] \
+            if paths.res.is_dir() else []
+        moving = []
+        if scores:
+            moving.append(f"its {len(scores)} score file(s) ({kinds})")
+        if swept:
+            owner = "the" if scores else "its"
+            moving.append(f"{owner} {len(swept)} sweep file(s) (curves, figures) in {paths.res}")
+        where = paths.root / PREVIOUS_RUNS / str(old_id)
+        tail = f"{' and '.join(moving)} will move to {where}/" if moving else "it has no score or sweep files yet"
         note(f"{paths.labels} (run {old_id}: {old_settings.get('model')}, {old_settings.get('num_data')} samples) "
-             f"will be replaced ({what} changed); its score and sweep files will move to "
-             f"{paths.root / 'previous_runs' / str(old_id)}/")
+             f"will be replaced ({what} changed); {tail}")
 
 
-def validate_score_flags(kinds, *, n_steps: int, batch_size: int, step_mode: str) -> None:
-    """The attribution step's flags, checked before any work starts (also by run_pipeline.py)."""
-    if "ig" in kinds and n_steps < 1:
-        raise PipelineError(f"--n_steps must be at least 1 (got {n_steps})")
-    if step_mode not in STEP_MODES:
-        raise PipelineError(f"unknown --step_mode {step_mode!r}; choose {', '.join(STEP_MODES)}")
-    if step_mode == "batched" and "ig" in kinds:
-        raise PipelineError("--step_mode batched does not run integrated gradients; use auto or cached for ig")
-    if batch_size is not None and batch_size < 1:
-        raise PipelineError(f"--batch_size must be at least 1 (got {batch_size}); leave it out for the automatic size")
-
-
-def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: int = 0, ig_batch_size: int | None = None,
-                   producer: str, step_mode: str = "auto") -> None:
+def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: int = 0, batch_size: int | None = None,
+                   step_mode: str = "auto") -> None:
     """Score ``run.num_data`` samples and write one file per (kind, component).
 
     ``kinds`` is a subset of magnitude, gradient, gxo, ig; gradient/gxo also write the per-layer
     gradient norms (cor_gxo needs them).  ``step_mode`` (auto, cached, batched) picks how the steps of a
-    sample run (utils/attribution.py); IG always runs cached.  ``ig_batch_size`` bounds the token positions of
-    one forward/backward pass, for IG and for batched steps."""
+    sample run (utils/attribution.py); IG always runs cached.  ``batch_size`` bounds the token positions of
+    one forward/backward pass, for IG and for batched steps (None: automatic)."""
     gradients = bool({"gradient", "gxo"} & set(kinds))
-    validate_score_flags(kinds, n_steps=ig_steps, batch_size=ig_batch_size, step_mode=step_mode)
     out_kinds = list(kinds) + (["grad_norm"] if gradients else [])
-    wanted = [f"{k}_{c}" for k in out_kinds for c in components]
+    wanted = [artifacts.score(k, c) for k in out_kinds for c in components]
     labels = run.labels
-    key = json.dumps({"run_id": labels.run_id, "kinds": sorted(wanted), "n_steps": ig_steps,
+    key = json.dumps({"run_id": labels.run_id, "kinds": sorted(a.name for a in wanted), "n_steps": ig_steps,
                       "num_data": run.num_data})
     first = run.paths.score(out_kinds[0], components[0])
     ckpt = open_checkpoint(first.with_name(f".{'-'.join(sorted(kinds))}_{'-'.join(components)}"), key)
     with Attributor(run.model) as attributor:
-        results = _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps if "ig" in kinds else 0,
-                                 ig_batch_size, step_mode, desc=f"{'+'.join(kinds)} scores")
+        results = _score_samples(run, attributor, ckpt, [a.name for a in wanted], gradients,
+                                 ig_steps if "ig" in kinds else 0, batch_size, step_mode,
+                                 desc=f"{'+'.join(kinds)} scores")
     if results is None:  # another process writes the files
         return
-    meta = {"run_id": labels.run_id, "settings": labels.settings, "num_samples": run.num_data,
-            "n_steps": ig_steps if "ig" in kinds else None, "producer": producer,
-            "layers": run.layout.num_layers, "heads": run.layout.num_heads,
-            "neurons": run.layout.intermediate}
-    for name in wanted:
-        kind, comp = name.rsplit("_", 1)
-        write_scores(run.paths.score(kind, comp), [r[name] for r in results], dict(meta, kind=kind, component=comp))
+    for art in wanted:
+        meta = {"run_id": labels.run_id, "settings": labels.settings, "num_samples": run.num_data,
+                "n_steps": ig_steps if "ig" in kinds else None,
+                "producer": artifacts.scores_command(kinds, art.component), "layers": run.layout.num_layers,
+                "heads": run.layout.num_heads, "neurons": run.layout.intermediate, "kind": art.kind,
+                "component": art.component}
+        write_scores(run.paths.score(art.kind, art.component), [r[art.name] for r in results], meta)
     ckpt.finish()
 
 
-def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, ig_batch_size, step_mode,
+def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, batch_size, step_mode,
                    desc) -> list[dict]:
     """Score every sample not yet in ``ckpt`` (progress in tokens), saving each as it finishes."""
     labels = run.labels
@@ -158,19 +157,8 @@ def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, ig_batch_
             bar.set_postfix(sample=f"{i + 1}/{run.num_data}")
             prompt = torch.tensor([labels.prompt_ids[i]], device=device)
             scores = attributor.score_sample(prompt, labels.label_ids[i], gradients=gradients,
-                                             ig_steps=ig_steps, ig_batch_size=ig_batch_size,
-                                             step_mode=step_mode,
-                                             step_batch_size=attributor.position_budget(ig_batch_size),
+                                             ig_steps=ig_steps, batch_size=batch_size, step_mode=step_mode,
                                              on_step=lambda: bar.update(1))
             return {name: scores[name] for name in wanted}
 
         return map_samples(ckpt, run.num_data, score_one, skipped=lambda i: bar.update(len(labels.label_ids[i])))
-
-
-def magnitude_step(comp: str, script: str, description: str, defaults: dict, argv=None) -> None:
-    """Mag_attention.py / Mag_mlp.py: magnitudes of one component for every labelled sample."""
-    args = common_parser(description, defaults).parse_args(argv)
-    run = open_run(args)
-    compute_scores(run, ["magnitude"], components=(comp,), producer=script)
-    if current_shard().is_main:
-        print(f"wrote {run.paths.magnitude(comp)}")

@@ -14,6 +14,8 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from . import artifacts
+from .artifacts import RESULT_FILES
 from .errors import PipelineError
 from .generation import masked_generate
 from .distributed import current_shard, map_samples, open_checkpoint
@@ -22,22 +24,13 @@ from .masks import (METRIC_NAMES, apply_layer_selection, check_ratios, files_nee
                     output_weight_norms, ranking, unit_weights)
 from .metrics import bleu, teacher_forced_quality, token_agreement
 from .models import eos_token_ids
+from .labelset import load_labels
 from .provenance import load_scores, meta_path
-from .sites import ATTN, COMPONENTS, MLP, SiteHooks
+from .sites import ATTN, COMPONENTS, SiteHooks
 from .sources import (DEFAULT_CALIB_NUM_DATA, SOURCES, curve_key, parse_sources, source_keep_masks,
                       static_keep_scores)
 
-PRODUCERS = {"magnitude": {ATTN: "Mag_attention.py", MLP: "Mag_mlp.py"},
-             "gradient": "attribution_attention.py --metric gradient",
-             "gxo": "attribution_attention.py --metric gxo", "grad_norm": "attribution_attention.py --metric gxo",
-             "ig": "attribution_attention.py --metric ig"}
 PLOT_METRICS = ("bleu", "token_agreement", "kl", "ppl")   # the y-axes the trade-off figure can show
-RESULT_FILES = ("results.json", "results.csv", "per_sample.json")
-
-
-def producer_of(kind: str, comp: str) -> str:
-    p = PRODUCERS[kind]
-    return p[comp] if isinstance(p, dict) else p
 
 
 def figure_stem(plot_metric: str) -> str:
@@ -65,9 +58,7 @@ def sweep_request(metric_name, *, ratios, mask_layers=None, variant: str = "pape
     if bad or not plots:
         raise PipelineError(f"unknown --plot_metric {', '.join(bad)}; choose from {', '.join(PLOT_METRICS)}")
     if "static" in sources:
-        calib_num_data = DEFAULT_CALIB_NUM_DATA if calib_num_data is None else calib_num_data
-        if calib_num_data < 1:
-            raise PipelineError(f"--calib_num_data must be at least 1 (got {calib_num_data})")
+        calib_num_data = DEFAULT_CALIB_NUM_DATA if calib_num_data is None else calib_num_data   # >= 1: main.py's flag
     elif calib_num_data is not None:
         raise PipelineError("--calib_num_data only applies to --source static; drop it or add static")
     return {"metric_name": names, "sources": sources, "ratios": check_ratios(ratios),
@@ -91,13 +82,12 @@ def sweep_done(paths, run_id: str, settings: dict) -> bool:
     """True when ``paths.res`` holds a complete sweep of the labels ``run_id`` for exactly ``settings``
     (a :func:`sweep_request` dict), from score files unchanged since, with no metric's files added since
     (for ``all``), and every result file and figure in place.  run_pipeline.py skips the sweep then."""
-    results_file = paths.res / "results.json"
     try:
-        results = read_json(results_file)
+        results = read_json(paths.results)
         recorded = results["settings"]
         request = dict(settings)
         if request.get("num_data") is None:
-            request["num_data"] = len(read_json(paths.labels)["labels"])
+            request["num_data"] = len(load_labels(paths.labels))
         if recorded.get("labels_run_id") != run_id or recorded.get("request") != request:
             return False
         for rel, fp in recorded.get("score_files", {}).items():
@@ -108,7 +98,7 @@ def sweep_done(paths, run_id: str, settings: dict) -> bool:
         names = list(RESULT_FILES) + [f"{key}.json" for key in results["curves"]]
         names += [figure_stem(m) + ext for m in request["plot_metrics"] for ext in (".png", ".pdf")]
         return all((paths.res / n).is_file() for n in names)
-    except (OSError, KeyError, TypeError, ValueError):
+    except (OSError, KeyError, TypeError, ValueError, PipelineError):
         return False
 
 
@@ -116,33 +106,24 @@ def load_metric_scores(run, metric_names: list[str], explicit: bool) -> tuple[di
     """``({metric: {comp: {kind: list of tensors}}}, skipped metrics)``.  With ``explicit`` False
     (``--metric_name all``), a metric whose score files are *missing* is skipped with a note; a file that
     is there but damaged, from other labels, of the wrong shape or non-finite is an error naming it."""
-    layout, cache, out, skipped = run.layout, {}, {}, []
-
-    def shape(kind, comp):
-        units = layout.units(comp)
-        return (lambda T: (T, layout.num_layers)) if kind == "grad_norm" else \
-            (lambda T: (T, layout.num_layers, units))
-
+    cache, out, skipped = {}, {}, []
     for metric in metric_names:
-        needed = [(kind, comp) for comp in COMPONENTS for kind in files_needed(metric)]
-        missing = [run.paths.score(k, c) for k, c in needed if not run.paths.score(k, c).is_file()]
+        needed = [artifacts.score(kind, comp) for comp in COMPONENTS for kind in files_needed(metric)]
+        missing = [a for a in needed if not run.paths.score(a.kind, a.component).is_file()]
         if missing and not explicit:
-            first = missing[0]
-            kind, comp = first.name[:-len("_list.pt")].rsplit("_", 1)
-            print(f"note: skipping {metric}: {first} is missing (run {producer_of(kind, comp)} to add it)",
-                  file=sys.stderr)
+            print(f"note: skipping {metric}: {run.paths.score(missing[0].kind, missing[0].component)} is missing "
+                  f"(run {missing[0].producer} to add it)", file=sys.stderr)
             skipped.append(metric)
             continue
         per = {}
-        for kind, comp in needed:
-            if (kind, comp) not in cache:
-                cache[(kind, comp)] = load_scores(run.paths.score(kind, comp), run.labels, shape(kind, comp),
-                                                  producer_of(kind, comp))
-            per.setdefault(comp, {})[kind] = cache[(kind, comp)]
+        for a in needed:
+            if a.name not in cache:
+                cache[a.name] = load_scores(run.paths.score(a.kind, a.component), run.labels,
+                                            a.expected_shape(run.layout), a.producer)
+            per.setdefault(a.component, {})[a.kind] = cache[a.name]
         out[metric] = per
     if not out:
-        raise PipelineError("no metric has its score files; run Mag_attention.py, Mag_mlp.py and "
-                            "attribution_attention.py first")
+        raise PipelineError(f"no metric has its score files; run {artifacts.all_scores_hint()} first")
     return out, skipped
 
 
@@ -195,7 +176,7 @@ def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_laye
             raise PipelineError(f"--source static calibrates on samples {N}..{N + M - 1} (after the {N} evaluated: "
                                 f"--num_data {N}, --calib_num_data {M}), but {labels.path} holds {len(labels)}; "
                                 f"give --num_data N with N + {M} <= {len(labels)}, lower --calib_num_data, or rerun "
-                                f"label_generation.py --num_data {N + M} and the score steps")
+                                f"{artifacts.LABELS.producer} --num_data {N + M} and the score steps")
         for m in metrics:
             have = metric_sample_count(scores[m])
             if have < N + M:

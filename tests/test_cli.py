@@ -1,0 +1,168 @@
+"""Every script's --help, the constants run_pipeline.py follows, and the artefact registry.  Nothing here
+loads a model: run_pipeline.plan parses every step's command line with the step's own parser."""
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import attribution_attention
+import label_generation
+import Mag_attention
+import Mag_mlp
+import main as sweep_main
+import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["folder_creation", "label_generation", "Mag_attention", "Mag_mlp", "attribution_attention", "main",
+           "attribution_error", "run_pipeline"]
+
+
+def flag_blocks(text: str) -> dict:
+    """``{--flag: its help entry with whitespace collapsed}`` from an argparse help text."""
+    blocks, current = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        match = re.match(r"^  (-\w|--\w+)", line)
+        if match:
+            current = match.group(1)
+            blocks[current] = line
+        elif current is not None:
+            blocks[current] += " " + line
+    return {flag: " ".join(body.split()) for flag, body in blocks.items()}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    parser = module.build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    blocks = flag_blocks(text)
+    assert set(blocks) == {"-h"} | {a.option_strings[0] for a in flags}
+    for action in flags:
+        assert action.help and action.help.strip(), f"{script} {action.option_strings[0]} has no help text"
+        entry = blocks[action.option_strings[0]]
+        assert entry.count("(default") <= 1, f"{script}: {entry}"
+    assert "(default: None)" not in " ".join(text.split())
+    assert "default: [" not in text       # lists are shown as their values, not as Python lists
+
+
+def test_help_defaults_of_later_steps_and_folder_creation(capsys):
+    import folder_creation
+
+    assert {a.dest for a in folder_creation.build_parser()._actions} == {"help", "dataset", "result_dir"}
+    blocks = flag_blocks(Mag_mlp.build_parser().format_help())
+    for flag in ("--model_name", "--dtype", "--seed", "--prompt_format"):
+        assert blocks[flag].endswith("(default: from labels.json)"), blocks[flag]
+    label_blocks = flag_blocks(label_generation.build_parser().format_help())
+    assert label_blocks["--model_name"].endswith(f"(default: {label_generation.MODEL_NAME})")
+    assert "offline default" not in label_blocks["--model_name"]
+
+
+@pytest.fixture
+def edited_constants(monkeypatch, tmp_path):
+    """Every step constant set to a non-default value, as a user editing the scripts would."""
+    edits = {
+        label_generation: {"MODEL_NAME": "org/edited-model", "DATASET": "truthfulqa-offline", "NUM_DATA": 7,
+                           "DTYPE": "bfloat16", "SEED": 5, "PROMPT_FORMAT": "base", "DEVICE": "cpu",
+                           "RESULT_DIR": str(tmp_path / "edited")},
+        Mag_attention: {"NUM_DATA": 2},
+        Mag_mlp: {"NUM_DATA": 3},
+        attribution_attention: {"N_STEPS": 3, "BATCH_SIZE": 64, "STEP_MODE": "cached", "NUM_DATA": 4},
+        sweep_main: {"METRIC_NAME": ["gxo", "cor_gxo"], "SOURCE": ["oracle", "static"], "CALIB_NUM_DATA": 2,
+                     "PLOT_METRIC": ["kl"], "RATIOS": [0.0, 0.5], "MASK_LAYERS": "0-1",
+                     "COR_GXO_VARIANT": "released", "BATCH_SIZE": 5},
+        run_pipeline: {"IG_NUM_DATA": 6},
+    }
+    for module, values in edits.items():
+        for name, value in values.items():
+            assert hasattr(module, name), f"{module.__name__}.{name}"
+            monkeypatch.setattr(module, name, value)
+    return tmp_path / "edited"
+
+
+def test_run_pipeline_follows_every_step_constant(edited_constants):
+    steps, request = run_pipeline.plan(run_pipeline.parse([]))
+    args = {s.name: s.args for s in steps}
+    assert [s.name for s in steps] == ["folders", "labels", "head magnitudes", "neuron magnitudes", "gradient + gxo",
+                                       "integrated gradients", "sweep + figure"]
+    for s in steps:                               # one run folder for every step
+        assert (s.args.dataset, s.args.result_dir) == ("truthfulqa-offline", str(edited_constants))
+    lab = args["labels"]
+    assert (lab.model_name, lab.dtype, lab.seed, lab.prompt_format, lab.device) == \
+        ("org/edited-model", "bfloat16", 5, "base", "cpu")
+    assert lab.num_data == 7 + 2                  # the evaluated samples, then static's calibration samples
+    assert args["head magnitudes"].num_data == 2 and args["neuron magnitudes"].num_data == 3
+    grad, ig = args["gradient + gxo"], args["integrated gradients"]
+    assert (grad.metric, grad.batch_size, grad.step_mode, grad.num_data) == (["gradient", "gxo"], 64, "cached", 4)
+    assert (ig.metric, ig.n_steps, ig.batch_size, ig.num_data) == (["ig"], 3, 64, 6)
+    sweep = args["sweep + figure"]
+    assert sweep.batch_size == 5 and sweep.num_data == 7
+    assert request == {"metric_name": ["gxo", "cor_gxo"], "sources": ["oracle", "static"], "ratios": [0.0, 0.5],
+                       "mask_layers": [0, 1], "cor_gxo_variant": "released", "num_data": 7, "calib_num_data": 2,
+                       "plot_metrics": ["kl"]}
+    # the help shows the edited values, and flags given still override them
+    text = " ".join(run_pipeline.build_parser().format_help().split())
+    assert "N_STEPS: 3" in text and "MODEL_NAME: org/edited-model" in text
+    steps, _ = run_pipeline.plan(run_pipeline.parse(["--n_steps", "9", "--num_data", "8", "--skip_ig"]))
+    assert [s.name for s in steps][-2:] == ["gradient + gxo", "sweep + figure"]
+    assert steps[1].args.num_data == 8 + 2 and steps[-1].args.num_data == 8
+
+
+def test_run_pipeline_done_check_uses_the_step_constants(edited_constants, monkeypatch):
+    """The labels' done check compares with label_generation.py's settings (SEED included), and a score
+    step's with that step's NUM_DATA."""
+    from utils.labelset import new_labels, write_labels
+    from utils.data import Sample
+    from utils.io import write_json
+    from utils.paths import ResultPaths
+    from utils.provenance import meta_path
+
+    paths = ResultPaths(edited_constants)
+    steps, request = run_pipeline.plan(run_pipeline.parse(["--skip_ig"]))
+    settings = {"model": "org/edited-model", "dataset": "truthfulqa-offline", "num_data": 9, "prompt_format": "base",
+                "dtype": "bfloat16", "seed": 5, "samples_sha256": "fp"}
+    samples = [Sample(str(i), f"q{i}", f"r{i}") for i in range(9)]
+    labels = new_labels(paths.labels, settings, texts=["a"] * 9, label_ids=[[1, 2]] * 9, prompt_ids=[[3]] * 9,
+                        samples=samples)
+    paths.labels.parent.mkdir(parents=True)
+    write_labels(labels)
+    fake = run_pipeline.parse(["--skip_ig"])
+    done = run_pipeline.done_check(fake, steps, paths, "fp", request)
+    assert done("labels")
+    assert not done("head magnitudes")
+    path = paths.score("magnitude", "attention")          # 2 samples: Mag_attention.NUM_DATA
+    path.parent.mkdir(parents=True)
+    torch.save([torch.ones(2, 3, 4)] * 2, path)
+    write_json(meta_path(path), {"run_id": labels.run_id, "num_samples": 2, "n_steps": None})
+    assert done("head magnitudes")
+    monkeypatch.setattr(Mag_attention, "NUM_DATA", None)   # now every labelled sample (9) is needed
+    monkeypatch.setattr(label_generation, "SEED", 6)
+    steps, request = run_pipeline.plan(run_pipeline.parse(["--skip_ig"]))
+    done = run_pipeline.done_check(fake, steps, paths, "fp", request)
+    assert not done("labels") and not done("head magnitudes")
+
+
+def test_registry_names_real_scripts_and_paths():
+    from utils import artifacts
+    from utils.paths import ResultPaths
+    from utils.sites import ATTN, MLP
+
+    for art in artifacts.REGISTRY.values():
+        assert (ROOT / art.producer.split()[0]).is_file(), art
+    for name in (artifacts.FOLDERS_SCRIPT, artifacts.PIPELINE_SCRIPT, *artifacts.MAGNITUDE_SCRIPTS.values()):
+        assert (ROOT / name).is_file()
+    paths = ResultPaths(Path("r"))
+    assert paths.labels == Path("r/labels.json") and paths.results == Path("r/res/both/results.json")
+    assert paths.score("magnitude", MLP) == Path("r/magnitude/magnitude_mlp_list.pt")
+    assert paths.score("grad_norm", ATTN) == Path("r/ig/grad_norm_attention_list.pt")
+    assert paths.folders() == [Path("r/ig"), Path("r/magnitude"), Path("r/res/both")]
+    assert artifacts.score("gxo", ATTN).producer == "attribution_attention.py --metric gxo"
+    assert artifacts.scores_command(["gradient", "gxo"], MLP) == "attribution_attention.py --metric gradient gxo"
+    assert artifacts.scores_command(["magnitude"], ATTN) == "Mag_attention.py"

@@ -1,0 +1,87 @@
+"""The registry of what a run folder holds (METHOD §6): every artefact kind with its path relative to the
+result folder, the step script that writes it, and its shape.  Paths, "rerun X.py" advice, the done
+checks and the provenance all read these entries; no other module spells a file name or a script name.
+
+Score files are addressed by (kind, component): kind is one of :data:`SCORE_KINDS`, component one of
+``utils.sites.COMPONENTS``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .sites import ATTN, COMPONENTS, MLP
+
+# -- the step scripts (the library names them only through these) -----------------------------------------
+FOLDERS_SCRIPT = "folder_creation.py"
+LABELS_SCRIPT = "label_generation.py"
+MAGNITUDE_SCRIPTS = {ATTN: "Mag_attention.py", MLP: "Mag_mlp.py"}
+SCORES_SCRIPT = "attribution_attention.py"
+SWEEP_SCRIPT = "main.py"
+PIPELINE_SCRIPT = "run_pipeline.py"
+
+SCORE_KINDS = ("magnitude", "gradient", "gxo", "ig", "grad_norm")
+SWEEP_DIR = "res/both"
+RESULT_FILES = ("results.json", "results.csv", "per_sample.json")   # every sweep writes these three
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str             # e.g. gxo_attention (also the key the attribution code returns its scores under)
+    path: str             # relative to the result folder
+    producer: str         # the command that writes it ("rerun <producer>")
+    shape: str            # what it holds, for people
+    kind: str | None = None
+    component: str | None = None
+
+    def expected_shape(self, layout):
+        """``T -> shape`` of one sample's tensor with T label tokens (score files only)."""
+        if self.kind == "grad_norm":
+            return lambda T: (T, layout.num_layers)
+        units = layout.units(self.component)
+        return lambda T: (T, layout.num_layers, units)
+
+
+def _score_entry(kind: str, comp: str) -> Artifact:
+    units = "H" if comp == ATTN else "I"
+    if kind == "magnitude":
+        return Artifact(f"magnitude_{comp}", f"magnitude/magnitude_{comp}_list.pt", MAGNITUDE_SCRIPTS[comp],
+                        f"list of float32 [T, L, {units}] per sample", kind, comp)
+    # grad_norm is written whenever gradient or gxo is; name gxo, which cor_gxo (its reader) needs as well
+    metric = "gxo" if kind == "grad_norm" else kind
+    dims = "[T, L]" if kind == "grad_norm" else f"[T, L, {units}]"
+    shape = f"list of float32 {dims} per sample"
+    return Artifact(f"{kind}_{comp}", f"ig/{kind}_{comp}_list.pt", f"{SCORES_SCRIPT} --metric {metric}", shape,
+                    kind, comp)
+
+
+LABELS = Artifact("labels", "labels.json", LABELS_SCRIPT,
+                  "label texts and token ids, prompt token ids, sample ids, questions, references, settings, run_id")
+SCORES = {(kind, comp): _score_entry(kind, comp) for kind in SCORE_KINDS for comp in COMPONENTS}
+SWEEP_RESULTS = Artifact("results", f"{SWEEP_DIR}/results.json", SWEEP_SCRIPT,
+                         "per metric, source and ratio: activation ratio and quality; written last")
+REGISTRY = {a.name: a for a in (LABELS, *SCORES.values(), SWEEP_RESULTS)}
+
+
+def score(kind: str, comp: str) -> Artifact:
+    return SCORES[(kind, comp)]
+
+
+def score_key(kind: str, comp: str) -> str:
+    """The key of (kind, component) in the attribution code's per-sample score dicts: the artefact's name."""
+    return SCORES[(kind, comp)].name
+
+
+def score_folders() -> list[str]:
+    """The folders score files live in (relative), in a fixed order."""
+    return sorted({a.path.rsplit("/", 1)[0] for a in SCORES.values()})
+
+
+def scores_command(kinds, comp: str) -> str:
+    """The command that writes ``kinds`` of component ``comp`` (recorded as the files' ``producer``)."""
+    if list(kinds) == ["magnitude"]:
+        return MAGNITUDE_SCRIPTS[comp]
+    return f"{SCORES_SCRIPT} --metric {' '.join(kinds)}"
+
+
+def all_scores_hint() -> str:
+    """Every script that writes score files, for "run ... first"."""
+    return f"{', '.join(MAGNITUDE_SCRIPTS.values())} and {SCORES_SCRIPT}"
