@@ -20,7 +20,8 @@ def tiny_gemma2(softcap, seed=0):
     torch.manual_seed(seed)
     cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                       sliding_window=512, attn_logit_softcapping=softcap, query_pre_attn_scalar=12)
+                       sliding_window=512, attn_logit_softcapping=softcap, query_pre_attn_scalar=12,
+                       attn_implementation="eager")   # transformers 5.17 picks sdpa, which drops the softcap
     model = Gemma2ForCausalLM(cfg).eval().requires_grad_(False)
     for layer in model.model.layers:    # random init gives tiny logits, which a softcap leaves as they are
         layer.self_attn.q_proj.weight.mul_(20)
