@@ -138,3 +138,36 @@ def test_packed_ig_with_a_long_prompt_equals_the_naive_loop(build):
             err = ((fast[key] - slow[key]).abs().max() / slow[key].abs().max()).item()
             assert err < 1e-4, f"{key} budget {budget}: {err:.2e}"
             assert fast[key][1:].abs().min() > 0
+
+
+def test_a_model_outside_the_attention_interface_is_not_packed_and_a_bypass_is_caught():
+    """No ``_supports_attention_backend``: one step per pass (equal to the naive loop).  A layer whose
+    attention bypasses the interface at run time would attend to its own token only: an error."""
+    import copy
+
+    from utils.errors import PipelineError
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(71)
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=g)
+    label = torch.randint(0, VOCAB, (3,), generator=g).tolist()
+    att = Attributor(model)
+    model._supports_attention_backend = False          # the instance only
+    assert not att.can_pack_ig(6, 3)
+    fast = att.score_sample(prompt, label, ig_steps=2, gradients=False, batch_size=1000)
+    slow = reference_scores(model, prompt, label, ig_steps=2, gradients=False)
+    assert torch.allclose(fast["ig_mlp"], slow["ig_mlp"], rtol=1e-4, atol=1e-7)
+    del model._supports_attention_backend
+    assert att.can_pack_ig(6, 3)
+    attn = model.model.layers[1].self_attn
+    attn.config = copy.deepcopy(model.config)          # dispatches on its own config: switched too ...
+    stock_forward = attn.forward
+
+    def eager_forward(*args, **kwargs):                # ... unless it forces eager while it runs
+        saved, attn.config._attn_implementation = attn.config._attn_implementation, "eager"
+        try:
+            return stock_forward(*args, **kwargs)
+        finally:
+            attn.config._attn_implementation = saved
+    attn.forward = eager_forward
+    with pytest.raises(PipelineError, match="2 of 3 layers"):
+        att.score_sample(prompt, label, ig_steps=2, gradients=False, batch_size=1000)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .artifacts import score_key
+from .errors import PipelineError
 from .kv_cache import (SharedPrefix, cache_argument_name, detach_cache_, forward_kwargs, output_cache,
                        repeated_cache, shared_prefix_pass)
 from .sites import ATTN, COMPONENTS, SiteHooks
@@ -260,6 +261,11 @@ class Attributor:
             with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True), \
                     self._staggered_rows(rows, source=src, full=K + B), shared_prefix_pass(self.model, prefix):
                 logits = self.model(**kwargs).logits[:, -1].float()
+                if prefix.calls != L:
+                    # a layer that bypassed it attended to its own token only: results would be wrong
+                    raise PipelineError(f"{type(self.model).__name__} ran the shared-cache attention in "
+                                        f"{prefix.calls} of {L} layers; packed IG cannot run on this model, "
+                                        "run it with ig_packed=False")
                 targets = labels[step_of_row[K:]]
                 loss = F.cross_entropy(logits[K:], targets, reduction="sum")
                 sites = sorted({(c, l) for _, c, l, _ in chunk})
@@ -338,9 +344,12 @@ class Attributor:
         return int(window)
 
     def can_pack_ig(self, prompt_len: int, label_len: int) -> bool:
-        """Packed IG needs the whole sequence in every layer's cache, unpadded positions intact: a
-        sliding-window layer drops old positions and counts pad slots, so a sequence longer than the
-        window keeps the one-step-per-pass path."""
+        """Packed IG needs a model whose attention modules dispatch through transformers'
+        AttentionInterface (``_supports_attention_backend``: the shared-cache attention is switched in
+        there) and the whole sequence in every layer's cache: a sliding-window layer keeps only its last
+        window - 1 positions, so a sequence longer than the window keeps the one-step-per-pass path."""
+        if not getattr(self.model, "_supports_attention_backend", False):
+            return False
         window = self._sliding_window()
         return window is None or prompt_len + label_len <= window
 

@@ -117,6 +117,7 @@ class SharedPrefix:
             raise ValueError(f"the shared cache holds fewer than the {width} positions a row needs")
         self.lengths = lengths
         self.width = width
+        self.calls = 0      # attention calls that read it: the caller checks every layer did
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -133,6 +134,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     if dropout:
         raise ValueError("the shared-prefix attention runs in eval mode only (no dropout)")
     state = _active[-1]
+    state.calls += 1
     keys, values = state.kv[module.layer_idx]
     n, heads, q_len, d = query.shape
     kv_heads = keys.shape[0]
