@@ -242,16 +242,20 @@ class Attributor:
             index = {t: j for j, t in enumerate(steps)}
             chunk = sorted(chunk, key=lambda e: (e[2], e[0], COMPONENTS.index(e[1]), e[3]))  # by layer
             B = len(chunk)
-            rows = [K + sum(1 for e in chunk if e[2] <= l) for l in range(L)]
+            # a pass holds thousands of rows on a GPU: per-row bookkeeping as tensor ops, not Python loops
+            layer_of = torch.tensor([e[2] for e in chunk])
+            rows = (K + torch.bincount(layer_of, minlength=L).cumsum(0)).tolist()
             src = torch.tensor(list(range(K)) + [index[e[0]] for e in chunk], device=device)
             step_of_row = torch.tensor(steps, device=device)[src]                     # t of each row
             width = prompt_len + steps[-1] - 1                                        # longest prefix
             ids = labels[step_of_row - 1][:, None]
             positions = (prompt_len - 1 + step_of_row)[:, None]
-            scales = {c: torch.ones(K + B, L) for c in COMPONENTS}
-            for b, (_, c, l, k) in enumerate(chunk):
-                scales[c][K + b, l] = k / n_steps
-            scales = {c: s.to(device) for c, s in scales.items()}
+            comp_of = torch.tensor([COMPONENTS.index(e[1]) for e in chunk])
+            alpha = torch.tensor([e[3] / n_steps for e in chunk])
+            scales = {}
+            for ci, c in enumerate(COMPONENTS):
+                mine = (comp_of == ci).nonzero().squeeze(1)
+                scales[c] = torch.ones(K + B, L).index_put_((K + mine, layer_of[mine]), alpha[mine]).to(device)
             # row of step t sees the first P+t-1 positions of the shared cache, then its own token
             prefix = SharedPrefix(cache, prompt_len + step_of_row - 1, width)
             kwargs = forward_kwargs(self._cache_name, ids, use_cache=False)
