@@ -27,7 +27,8 @@ ran against (the cache only grows), plus its own new key/value.  A row then cost
 its attention logits over the cached positions (``_cache_weight``), not a copy of the cache: with a long
 prompt a pass holds tens of times more rows than per-row cache copies allowed.  Sliding-window layers
 keep only their last window - 1 positions, so a sequence longer than the window keeps the
-one-step-per-pass path.  ``batch_size=None`` picks the budget from free CUDA memory.
+one-step-per-pass path, as does a model whose attention does not dispatch through the AttentionInterface
+(:meth:`Attributor.can_pack_ig`).  ``batch_size=None`` picks the budget from free CUDA memory.
 
 ``step_mode="batched"`` computes gradient, GxO and magnitudes of all steps of a sample as one batch
 instead (no integrated gradients): element t is the whole teacher-forced sequence prompt + label[:T-1]
