@@ -72,7 +72,7 @@ def test_ig_rows_join_at_their_own_layer(arch_model):
                                                                            else out).shape[0]))
                for block in att.layout.decoder_layers]
     try:
-        att.score_sample(prompt, label, ig_steps=3, batch_size=10_000)
+        att.score_sample(prompt, label, ig_steps=3, batch_size=10_000, ig_packed=False)   # one step per pass
     finally:
         for h in handles:
             h.remove()
@@ -182,7 +182,8 @@ def test_auto_on_cuda_runs_the_batched_path(arch_model):
 
 def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
     """--batch_size counts token positions: the prompt step (5 positions per element) packs 12 // 5 = 2
-    elements per pass, a one-token step 12; the dense row comes on top."""
+    elements per pass, a one-token step 12 (one step per pass; packed steps: tests/test_ig_fast.py); the
+    dense row comes on top."""
     _, model = arch_model
     prompt, label = random_sample(6, prompt_len=5, label_len=2)
     shapes = []
@@ -191,7 +192,7 @@ def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
     handle = last.register_forward_hook(lambda m, a, out: shapes.append(tuple((out[0] if isinstance(out, tuple)
                                                                                  else out).shape[:2])))
     try:
-        att.score_sample(prompt, label, gradients=False, ig_steps=3, batch_size=12)
+        att.score_sample(prompt, label, gradients=False, ig_steps=3, batch_size=12, ig_packed=False)
     finally:
         handle.remove()
     elements = 2 * 3 * 3                     # components x layers x steps

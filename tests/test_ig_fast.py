@@ -1,5 +1,5 @@
-"""Packed integrated gradients (several generation steps' IG elements per pass, each row with its own
-left-padded cache prefix) equal the one-step-per-pass path and the naive per-layer loop (METHOD §3)."""
+"""Packed integrated gradients (several generation steps' IG elements per pass, every row reading its
+prefix of the one shared cache) equal the one-step-per-pass path and the naive per-layer loop (METHOD §3)."""
 import pytest
 import torch
 
@@ -121,11 +121,11 @@ def test_packed_pass_respects_the_position_budget():
     assert sum(packed) >= 3 * 18 and len(packed) >= 54 / (most + 2)
 
 
-def test_packing_is_the_cuda_default(arch_model):
-    """On a CPU (these tests) the default is one step per pass: the pass structure of the per-step path."""
+def test_packing_is_the_default(arch_model):
+    """On a CPU too (these tests) IG packs the later steps: 3 dense one-token passes, then one pass holding
+    both later steps (2 dense rows + 2 x 2 components x 3 layers x 2 alphas)."""
     _, model = arch_model
     prompt, label = random_sample(53, prompt_len=4, label_len=3)
     _, sizes = passes_of(model, lambda: Attributor(model).score_sample(prompt, label, gradients=False, ig_steps=2,
                                                                        batch_size=10_000))
-    # per later step: its IG pass (one embedded row, the staggered batch grows from it) and its dense pass
-    assert [tuple(s) for s in sizes if s[1] == 1] == [(1, 1)] * 4
+    assert [tuple(s) for s in sizes if s[1] == 1] == [(1, 1)] * 2 + [(2 + 2 * 2 * 3 * 2, 1)]

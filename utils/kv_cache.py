@@ -9,9 +9,17 @@ window - 1 keys/values plus a running length (``cumulative_length``) that sets t
 ``repeated_cache`` copies each layer object with all of its state and replaces only the tensors, so a
 copy continues exactly like the original; ``tests/test_sliding_window.py`` checks every cached path
 against no-cache recomputation on sequences longer than the window.
+
+Packed IG passes (utils/attribution.py) run many rows of one sample, each a single new token that must
+see its own prefix of the sample's final cache.  Copying that prefix into every row made a row cost ~100
+computed positions with a 400-token prompt; ``shared_prefix_attention`` instead reads the one cache from
+every row (grouped-query einsums, a per-row length mask), registered in transformers' AttentionInterface
+and switched on by ``shared_prefix_pass`` for the duration of a pass.  ``tests/test_ig_prefix.py``
+checks it against the stock attention with a real cache per row.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -82,13 +90,95 @@ def repeated_cache(cache, batch):
     return new
 
 
-def mapped_cache(cache, fn):
-    """A new cache of the same kind whose layer ``i`` holds ``fn(t, i)`` for each key and value tensor ``t``
-    of ``cache`` (the original is left as it is).  IG's packed passes build each row's own cache prefix."""
-    new = _layer_copies(cache)
-    map_cache_(new, fn)
-    for layer in getattr(new, "layers", None) or []:
-        # sliding-window layers count the positions seen; fn may change the length (untruncated caches only)
-        if hasattr(layer, "cumulative_length") and torch.is_tensor(getattr(layer, "keys", None)):
-            layer.cumulative_length = int(layer.keys.shape[-2])
-    return new
+def layer_key_values(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(keys, values)]`` of every layer of ``cache`` (``[batch, kv_heads, positions, head_dim]`` each)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+# -- attention of one new token per row against a prefix every row shares --------------------------------
+PREFIX_ATTENTION = "shared_prefix"   # the name it is registered under in transformers' AttentionInterface
+_active: list = []                   # the running pass's SharedPrefix (a stack, so nesting restores the outer)
+
+
+class SharedPrefix:
+    """What the attention of a packed IG pass reads: one sample's dense cache, shared by all rows.
+
+    ``cache``: the sample's cache after its last dense step (batch 1); row r of the pass sees its first
+    ``lengths[r]`` positions (``[rows]``, on the device), ``width`` = the largest of them.  Each layer's
+    keys/values are cut to ``width`` once and detached: the cache is a constant of the pass."""
+
+    def __init__(self, cache, lengths: torch.Tensor, width: int):
+        self.kv = [(k[0, :, :width].detach(), v[0, :, :width].detach()) for k, v in layer_key_values(cache)]
+        if any(k.shape[-2] < width for k, _ in self.kv):
+            # a sliding-window layer keeps only its last window - 1 positions (callers check can_pack_ig)
+            raise ValueError(f"the shared cache holds fewer than the {width} positions a row needs")
+        self.lengths = lengths
+        self.width = width
+        self.calls = 0      # attention calls that read it: the caller checks every layer did
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            softcap=None, **kwargs):
+    """Attention of each row's one new token to [its prefix of the shared cache] + [its own key/value].
+
+    ``query`` ``[n, heads, 1, d]``, ``key``/``value`` ``[n, kv_heads, 1, d]`` (rotary and norms applied by
+    the module; no cache object, so nothing was concatenated).  The prefix stays ``[kv_heads, S, d]``: query
+    heads are grouped onto their KV head (head h reads KV head h // group, as ``repeat_kv`` orders them), so
+    no row ever holds a copy of it.  Positions at or beyond a row's length are masked out, which is exactly
+    the cache that row's generation step ran against.  ``attention_mask`` is ignored (the model builds none
+    for an unregistered mask implementation, and one query per row needs no causal mask); ``softcap`` is
+    applied when the module passes one, as the stock eager function does; no dropout (eval only)."""
+    if dropout:
+        raise ValueError("the shared-prefix attention runs in eval mode only (no dropout)")
+    state = _active[-1]
+    state.calls += 1
+    keys, values = state.kv[module.layer_idx]
+    n, heads, q_len, d = query.shape
+    kv_heads = keys.shape[0]
+    if q_len != 1 or key.shape[2] != 1:
+        raise ValueError("the shared-prefix attention takes one new token per row")
+    if scaling is None:
+        scaling = d ** -0.5
+    q = query.reshape(n, kv_heads, heads // kv_heads, d)
+    k_own, v_own = key[:, :, 0], value[:, :, 0]                               # [n, kv_heads, d]
+    scores = torch.cat([torch.einsum("nkgd,ksd->nkgs", q, keys.to(q.dtype)),
+                        torch.einsum("nkgd,nkd->nkg", q, k_own)[..., None]], dim=-1) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    # the staggered batch runs the first n rows at this layer: their lengths are the first n
+    hidden = torch.arange(state.width + 1, device=q.device)[None] >= state.lengths[:n, None]
+    hidden[:, -1] = False                                                     # the row's own token
+    scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # float32 like the eager path
+    out = torch.einsum("nkgs,ksd->nkgd", probs[..., :-1], values.to(q.dtype)) + probs[..., -1:] * v_own[:, :, None]
+    return out.reshape(n, 1, heads, d), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    if PREFIX_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PREFIX_ATTENTION, shared_prefix_attention)
+
+
+@contextlib.contextmanager
+def shared_prefix_pass(model, prefix: SharedPrefix):
+    """While active, every attention module of ``model`` runs :func:`shared_prefix_attention` against
+    ``prefix``: each config the model's modules read is switched to it and restored afterwards, even on an
+    error (transformers dispatches on ``config._attn_implementation`` at every call, so nothing else
+    changes).  Run the model with no cache, ``use_cache=False`` and explicit ``position_ids``."""
+    _register()
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if c is not None and hasattr(c, "_attn_implementation_internal")}
+    saved = {key: c._attn_implementation_internal for key, c in configs.items()}
+    _active.append(prefix)
+    try:
+        for c in configs.values():
+            c._attn_implementation_internal = PREFIX_ATTENTION
+        yield
+    finally:
+        for key, c in configs.items():
+            c._attn_implementation_internal = saved[key]
+        _active.pop()
