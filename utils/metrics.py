@@ -3,12 +3,10 @@ output, and (teacher-forced, no decoding) the KL divergence from the dense model
 the label."""
 from __future__ import annotations
 
-import inspect
-
 import sacrebleu
 import torch
 
-from .kv_cache import cache_argument_name, forward_kwargs
+from .kv_cache import cache_argument_name, forward_kwargs, output_cache, repeated_cache
 from .sites import ATTN, MLP, SiteHooks
 
 
@@ -45,16 +43,17 @@ def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, la
         return None
     device = next(model.parameters()).device
     cache_name = cache_argument_name(model)
-    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
     labels = torch.tensor(label_ids, dtype=torch.long, device=device)
-    seq = torch.cat([prompt_ids[0].to(device), labels[:-1]])[None]   # [1, P+T-1]
+    steps = labels[:-1][None]                                        # label[0..T-2] at positions P..P+T-2
     targets = labels[1:]                                              # step t predicts label[t]
+    # The prompt positions are dense for every variant: run them once and give each variant a copy of
+    # their cache, so a variant's pass computes only its T-1 label positions (the prompt is most of the
+    # sequence: ~4x less work on TruthfulQA, ~15x on XSum's 400-token prompts).
+    prompt_cache = output_cache(model(**forward_kwargs(cache_name, prompt_ids.to(device))))
 
     def log_probs(batch):
-        kwargs = forward_kwargs(cache_name, seq.expand(batch, -1), use_cache=False)
-        if keep_last:
-            kwargs["logits_to_keep"] = T - 1     # only the masked steps' positions need logits
-        logits = model(**kwargs).logits[:, -(T - 1):]
+        kwargs = forward_kwargs(cache_name, steps.expand(batch, -1), repeated_cache(prompt_cache, batch))
+        logits = model(**kwargs).logits
         return torch.log_softmax(logits.float(), dim=-1)              # [batch, T-1, V]
 
     dense = log_probs(1)
@@ -64,7 +63,7 @@ def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, la
     kl, nll = [], []
     for s in range(0, B, per_pass):
         part = {c: keep[c][s:s + per_pass, 1:T].to(device) for c in (ATTN, MLP)}   # steps 1..T-1
-        with hooks.settings(masks=part):
+        with hooks.settings(masks=part):       # [b, T-1, L, units]: one mask per label position
             masked = log_probs(part[ATTN].shape[0])
         kl.append((dense_p * (dense - masked)).sum(-1).mean(-1))
         nll.append(-masked.gather(-1, targets.view(1, -1, 1).expand(masked.shape[0], -1, 1))[..., 0].mean(-1))
