@@ -162,6 +162,8 @@ def test_auto_step_mode_choice():
     assert resolve_step_mode("auto", gpu, ig=False) == "batched"
     assert resolve_step_mode("auto", gpu, ig=True) == "cached"
     assert resolve_step_mode("auto", cpu, ig=False) == "cached"
+    assert resolve_step_mode("auto", cpu, ig=False, gradients=False) == "batched"   # magnitudes: one pass
+    assert resolve_step_mode("auto", cpu, ig=True, gradients=False) == "cached"
     assert resolve_step_mode("auto", cpu, ig=True) == "cached"
     assert resolve_step_mode("batched", cpu, ig=False) == "batched"
     assert resolve_step_mode("cached", gpu, ig=False) == "cached"

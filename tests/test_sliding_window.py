@@ -60,6 +60,10 @@ def test_batched_steps_equal_the_no_cache_reference_beyond_the_window():
     slow = reference_scores(model, prompt, label, use_cache=False)
     for key in slow:
         assert_close(fast[key], slow[key], key)
+    # magnitudes alone: one teacher-forced pass records every step (auto picks it on any device)
+    mags = Attributor(model).score_sample(prompt, label, gradients=False)
+    for comp in ("attention", "mlp"):
+        assert_close(mags[f"magnitude_{comp}"], slow[f"magnitude_{comp}"], comp)
 
 
 def test_repeated_cache_keeps_the_window_state():

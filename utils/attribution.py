@@ -76,13 +76,15 @@ def ig_from_gradients(comp: str, x: torch.Tensor, g_mean: torch.Tensor, head_dim
     return head_mean(comp, x.float() * g_mean.float(), head_dim)
 
 
-def resolve_step_mode(step_mode: str, device: torch.device, ig: bool) -> str:
+def resolve_step_mode(step_mode: str, device: torch.device, ig: bool, gradients: bool = True) -> str:
     """``auto`` -> ``batched`` for gradient/GxO on CUDA, ``cached`` otherwise (IG always runs cached; a CPU
-    pays for arithmetic, which batching multiplies, not for passes)."""
+    pays for arithmetic, which batching gradients multiplies, not for passes).  Without gradients
+    (magnitudes only) ``batched`` is one teacher-forced pass per sample, less work than T cached passes
+    on any device, so ``auto`` picks it everywhere."""
     if step_mode not in STEP_MODES:
         raise ValueError(f"step_mode must be one of {STEP_MODES}, not {step_mode!r}")
     if step_mode == "auto":
-        return "batched" if torch.device(device).type == "cuda" and not ig else "cached"
+        return "batched" if (torch.device(device).type == "cuda" or not gradients) and not ig else "cached"
     if step_mode == "batched" and ig:
         raise ValueError("integrated gradients run in step_mode='cached'")
     return step_mode
@@ -364,6 +366,20 @@ class Attributor:
         Returns per step t: ``({comp: [x_l]}, {(comp, l): g} or None)`` like the cached dense pass."""
         P, T = prompt_ids.shape[1], labels.shape[0]
         seq = torch.cat([prompt_ids[0], labels[:-1]])[None]          # [1, P+T-1]
+        L = self.layout.num_layers
+        if not with_grad:
+            # No gradients, no per-step losses to keep apart: causal attention makes position P-1+t of the
+            # one teacher-forced sequence exactly what step t computes, so one row records every step.
+            # (A batch-1 pass reads the weights once per sample instead of once per token.)
+            kwargs = forward_kwargs(self._cache_name, seq, use_cache=False)
+            if self._keep_last:
+                kwargs["logits_to_keep"] = 1                             # no step needs the logits
+            positions = P - 1 + torch.arange(T, device=seq.device)
+            with torch.no_grad(), self.hooks.settings(record=True, positions=positions):
+                self.model(**kwargs)
+                recorded = {c: list(self.hooks.recorded[c]) for c in COMPONENTS}   # [T, width] per layer
+            return [({c: [recorded[c][l][t:t + 1] for l in range(L)] for c in COMPONENTS}, None)
+                    for t in range(T)]
         out = []
         per_pass = max(1, batch_size // seq.shape[1])
         for start in range(0, T, per_pass):
@@ -407,7 +423,7 @@ class Attributor:
         per pass.
         """
         device = next(self.model.parameters()).device
-        step_mode = resolve_step_mode(step_mode, device, ig=bool(ig_steps))
+        step_mode = resolve_step_mode(step_mode, device, ig=bool(ig_steps), gradients=gradients)
         prompt_ids = prompt_ids.to(device)
         labels = torch.tensor(label_ids, dtype=torch.long, device=device)
         hd = self.layout.head_dim
