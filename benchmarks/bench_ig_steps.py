@@ -34,7 +34,8 @@ def smollm2_shaped(device):
 
 
 def one_step_per_pass(att, prompt, labels, n_steps, budget):
-    """IG of steps 1..T-1, each step's elements against the cache of the steps before it (timed part only)."""
+    """IG of steps 1..T-1, each step's elements against the cache of the steps before it (timed part only;
+    interleaved with the dense steps because the cache grows in place)."""
     res, cache, took = {}, None, 0.0
     for t in range(labels.shape[0]):
         inp = prompt if t == 0 else labels[t - 1:t].view(1, 1)
@@ -47,6 +48,7 @@ def one_step_per_pass(att, prompt, labels, n_steps, budget):
 
 
 def packed(att, prompt, labels, n_steps, budget):
+    # the dense steps again, not a saved cache: a cache object grows in place as the steps run
     cache = None
     for t in range(labels.shape[0]):                  # the dense steps first: their final cache is shared
         inp = prompt if t == 0 else labels[t - 1:t].view(1, 1)
@@ -74,8 +76,9 @@ def main(argv=None):
     device = resolve_device(args.device)
     model = smollm2_shaped(device)
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 49152, (1, args.prompt_len), generator=g).to(device)
-    labels = torch.randint(0, 49152, (args.label_len,), generator=g).to(device)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=g).to(device)
+    labels = torch.randint(0, vocab, (args.label_len,), generator=g).to(device)
     att = Attributor(model)
     slow, t_step = one_step_per_pass(att, prompt, labels, args.ig_steps, args.batch_size)
     fast, t_packed = packed(att, prompt, labels, args.ig_steps, args.batch_size)
