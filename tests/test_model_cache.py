@@ -1,6 +1,9 @@
 """The converted copy of a GGUF model (utils.models: one slow GGUF parse, then plain safetensors) must be
 the very model stock transformers loads from the GGUF file: same weights bit for bit (float32 and a cast
 dtype), same tokenizer, same stop tokens; a damaged copy is rebuilt, an unwritable cache only costs speed."""
+import os
+import time
+
 import pytest
 import torch
 
@@ -99,3 +102,34 @@ def test_unwritable_cache_only_costs_speed(reference, cache, capsys, monkeypatch
     assert model is ref_model
     assert not models.converted_dir(path).exists()
     assert "could not keep a converted copy" in capsys.readouterr().out
+
+
+def test_a_killed_conversion_leaves_no_lasting_folder(reference, cache, monkeypatch):
+    """A conversion killed midway leaves a temporary folder (never read); the next conversion removes it once
+    it is clearly abandoned, and leaves a recent one alone (another process may be writing it)."""
+    path, ref_tok, ref_model = reference
+    target = models.converted_dir(path)
+    target.parent.mkdir(parents=True)
+    old = target.parent / f".{target.name}.dead.tmp"
+    young = target.parent / f".{target.name}.live.tmp"
+    for folder in (old, young):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    hour_ago = time.time() - models.STALE_TEMPORARY_S - 60
+    os.utime(old, (hour_ago, hour_ago))
+    monkeypatch.setattr(models, "_from_pretrained", lambda source, extra, name, dtype: (ref_tok, ref_model))
+    models._load_gguf(path, "smollm2", torch.float32)
+    assert not old.exists() and young.exists() and target.is_dir()
+
+
+def test_a_killed_gemma_join_leaves_no_lasting_file(cache):
+    """The same clean-up for the joined Gemma file's temporary (a killed join leaves a partial file)."""
+    target = cache / "gemma-3-270m-q4_k_m.gguf"
+    cache.mkdir(exist_ok=True)
+    old, young = cache / f".{target.name}.dead.tmp", cache / f".{target.name}.live.tmp"
+    for f in (old, young):
+        f.write_bytes(b"partial")
+    hour_ago = time.time() - models.STALE_TEMPORARY_S - 60
+    os.utime(old, (hour_ago, hour_ago))
+    models._remove_stale_temporaries(target)
+    assert not old.exists() and young.exists()

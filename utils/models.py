@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -111,6 +112,7 @@ def gemma_gguf_path() -> Path:
     target = cache_dir() / pkg.MODEL_NAME
     if target.is_file() and target.stat().st_size == size:
         return target
+    _remove_stale_temporaries(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -254,11 +256,28 @@ def _load_gguf(path: Path, name: str, dtype):
         except PipelineError as err:
             print(f"note: the converted copy {target} cannot be read ({err}); converting {path.name} again")
             shutil.rmtree(target, ignore_errors=True)
+    _remove_stale_temporaries(target)
     print(f"converting {path.name} to a transformers folder once (about a minute; later loads take seconds): "
           f"{target}", flush=True)
     tokenizer, model = _from_pretrained(str(path.parent), {"gguf_file": path.name}, name, torch.float32)
     _save_converted(tokenizer, model, target)
     return tokenizer, (model if dtype == torch.float32 else model.to(dtype))
+
+
+STALE_TEMPORARY_S = 3600   # a temporary file or folder this old was left by a killed writer, not a running one
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporaries of ``target`` (``.<name>.*.tmp``, the joined Gemma file or a converted folder)
+    that a killed process left behind: they are never read, but each holds hundreds of megabytes.  A
+    younger one may be another process's write in progress and stays."""
+    now = time.time()
+    for tmp in target.parent.glob(f".{target.name}.*.tmp") if target.parent.is_dir() else []:
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        except OSError:
+            pass
 
 
 def _save_dequantized(model, folder: str) -> None:
