@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import label_generation
 import Mag_attention
 import Mag_mlp
 from conftest import write_qa_file
-from utils.attribution_error import ERROR_METRICS, average_ranks, spearman
+from utils.attribution_error import ERROR_METRICS, average_ranks, choose_units, spearman
 from utils.models import load_model_and_tokenizer
 from utils.sites import ATTN, locate_units
 
@@ -60,6 +61,19 @@ def error_run(tiny_model_dirs, tmp_path_factory):
             "rows": json.loads((out / "rows.json").read_text()),
             "summary": json.loads((out / "summary.json").read_text()),
             "labels": json.loads((result / "labels.json").read_text())}
+
+
+@pytest.mark.parametrize("label_len", [0, 1, 2, 7])
+def test_choose_units_draws_masked_steps_only(label_len):
+    """Steps come from 1 .. label_len - 1 (step 0 reads the prompt only); an empty or one-token label
+    has none, and the draw depends on (seed, sample index) alone."""
+    layout = SimpleNamespace(num_layers=3, units=lambda comp: 4 if comp == ATTN else 10)
+    steps, picks = choose_units(layout, label_len, num_units=5, num_steps=3, seed=0, index=2)
+    assert steps == sorted(set(steps)) and set(steps) <= set(range(1, label_len))
+    assert len(steps) == min(3, max(label_len - 1, 0))
+    assert all(len(p) == 5 and all(0 <= l < 3 for l, _ in p) for p in picks.values())
+    assert len(picks) == 2 * len(steps)
+    assert choose_units(layout, label_len, 5, 3, 0, 2) == (steps, picks)
 
 
 def direct_removal_delta(model, prompt, label, t, comp, layer, unit):

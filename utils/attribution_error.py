@@ -78,7 +78,8 @@ def choose_units(layout, label_len: int, num_units: int, num_steps: int, seed: i
     """The steps (t >= 1) and, per step and component, the (layer, unit) pairs to remove; reproducible
     from (seed, sample index) alone, so a resumed or sharded run draws the same ones."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    candidates = torch.arange(1, label_len)
+    # an empty label (the model stopped at once, as Gemma-3 base does on some questions) has no step
+    candidates = torch.arange(1, max(label_len, 1))
     steps = sorted(candidates[torch.randperm(len(candidates), generator=g)[:num_steps]].tolist())
     picks = {}
     for t in steps:
