@@ -133,3 +133,58 @@ def test_a_killed_gemma_join_leaves_no_lasting_file(cache):
     os.utime(old, (hour_ago, hour_ago))
     models._remove_stale_temporaries(target)
     assert not old.exists() and young.exists()
+
+
+class PerCharacter:
+    """A tokenizer that splits text into characters, as a wrong GGUF conversion splits words too finely."""
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_tokenizer_probe(reference):
+    """The named models' tokenizers must split the probe as their own tokenizer does (transformers 5.17 splits
+    Gemma-3's "Nothing happens" into 6 pieces); other models are not probed."""
+    _, ref_tok, _ = reference
+    for alias in ("smollm2", "SmolLM2-135M-Instruct"):
+        models.check_tokenizer(alias, ref_tok)
+    with pytest.raises(models.TokenizerMismatch, match=r"^transformers \S+ reads the gemma3-270m tokenizer wrongly .*"
+                       r"-> 15 pieces 'N' 'o' .*expected 2\); install a newer one: pip install -U 'transformers>=5.18'$"):
+        models.check_tokenizer("gemma3-270m", PerCharacter())
+    with pytest.raises(models.TokenizerMismatch, match="expected 2"):
+        models.check_tokenizer("smollm2", PerCharacter())
+    models.check_tokenizer("someone/else", PerCharacter())
+    models.check_tokenizer("/models/x.gguf", PerCharacter())
+
+
+def test_a_copy_failing_the_probe_is_removed_not_reconverted(reference, cache, monkeypatch):
+    path, ref_tok, ref_model = reference
+    target = models.converted_dir(path)
+    models._save_converted(ref_tok, ref_model, target)
+    monkeypatch.setitem(models._TOKENIZER_PROBE_IDS, models.OFFLINE_MODEL, [1, 2])
+    with pytest.raises(models.TokenizerMismatch, match="expected 2"):
+        models._load_gguf(path, "smollm2", torch.float32)
+    assert not target.exists()
+
+
+def _gemma_installed():
+    try:
+        import importlib.metadata as md
+        md.version(models._GEMMA_WHEEL)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.skipif(not _gemma_installed(), reason="Gemma-3-270M wheels not installed (scripts/setup.sh --gemma)")
+def test_gemma_tokenizer_from_its_gguf_passes_the_probe():
+    """The probe's expected ids are what Gemma-3's own tokenizer gives (read here from the GGUF file)."""
+    from transformers import AutoTokenizer
+
+    path = models.gemma_gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    models.check_tokenizer("gemma3-270m", tok)
+    assert [tok.decode([i]) for i in tok(models.TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]] == \
+        ["Nothing", " happens"]

@@ -140,12 +140,46 @@ def gemma_gguf_path() -> Path:
     return target
 
 
+# Known answers for the named models' tokenizers.  transformers 5.16 and 5.17 (at least) convert Gemma-3's GGUF
+# tokenizer wrongly: "Nothing happens" becomes 6 pieces ("No" "th" "ing" " ha" "pp" "ens") instead of 2, and
+# every step still runs, on prompts and labels that are nonsense to the model (one such H200 run produced
+# labels like "\nA\nA\nA").  5.18 reads it right.  A probe costs microseconds, so every load checks.
+TOKENIZER_PROBE = "Nothing happens"
+_TOKENIZER_PROBE_IDS = {OFFLINE_MODEL: [32842, 4283], GEMMA_MODEL: [40607, 9439]}
+
+
+def canonical_model_name(name: str) -> str | None:
+    """``smollm2-135m-instruct`` or ``gemma3-270m`` for any alias of a named offline model, else None."""
+    key = name.lower()
+    return OFFLINE_MODEL if key in _OFFLINE_ALIASES else GEMMA_MODEL if key in _GEMMA_ALIASES else None
+
+
+class TokenizerMismatch(PipelineError):
+    """A named model's tokenizer fails its probe (the transformers version converts it wrongly)."""
+
+
+def check_tokenizer(name: str, tokenizer) -> None:
+    """Raise if a named offline model's tokenizer does not split the probe text as the model was trained."""
+    expected = _TOKENIZER_PROBE_IDS.get(canonical_model_name(name))
+    if expected is None:
+        return
+    got = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if list(got) != expected:
+        import transformers
+
+        pieces = " ".join(repr(tokenizer.decode([i])) for i in got)
+        raise TokenizerMismatch(
+            f"transformers {transformers.__version__} reads the {name} tokenizer wrongly from its GGUF file "
+            f"({TOKENIZER_PROBE!r} -> {len(got)} pieces {pieces}, expected {len(expected)}); install a newer "
+            "one: pip install -U 'transformers>=5.18'")
+
+
 def offline_model_path(name: str) -> Path | None:
     """The GGUF file of a named offline model (``--model_name``), or None if ``name`` is not one."""
-    key = name.lower()
-    if key in _OFFLINE_ALIASES:
+    canonical = canonical_model_name(name)
+    if canonical == OFFLINE_MODEL:
         return offline_gguf_path()
-    if key in _GEMMA_ALIASES:
+    if canonical == GEMMA_MODEL:
         return gemma_gguf_path()
     return None
 
@@ -205,21 +239,28 @@ def _from_pretrained(source: str, extra: dict, name: str, dtype):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     except Exception as err:  # noqa: BLE001  (a damaged file raises many types: OSError, ValueError, KeyError, ...)
-        where = "local folder" if Path(source).exists() else "Hugging Face hub id"
-        first_line = (str(err).splitlines() or [""])[0]
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        if where == "local folder":
-            hint = "Check that the folder holds a transformers model (config.json, weights, tokenizer), or "
-        elif offline:
-            hint = "HF_HUB_OFFLINE=1 is set; unset it to download, or "
-        else:
-            hint = "Check the name and your network, or "
-        raise PipelineError(
-            f"could not load model {name!r} as a {where} ({type(err).__name__}: {first_line}). "
-            + hint + f"use the offline default: --model_name {OFFLINE_MODEL}") from None
+        raise _load_error(err, source, name) from None
+    check_tokenizer(name, tokenizer)   # before the weights, which take a minute to convert from a GGUF file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    except Exception as err:  # noqa: BLE001
+        raise _load_error(err, source, name) from None
     return tokenizer, model
+
+
+def _load_error(err: Exception, source: str, name: str) -> PipelineError:
+    where = "local folder" if Path(source).exists() else "Hugging Face hub id"
+    first_line = (str(err).splitlines() or [""])[0]
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if where == "local folder":
+        hint = "Check that the folder holds a transformers model (config.json, weights, tokenizer), or "
+    elif offline:
+        hint = "HF_HUB_OFFLINE=1 is set; unset it to download, or "
+    else:
+        hint = "Check the name and your network, or "
+    return PipelineError(f"could not load model {name!r} as a {where} ({type(err).__name__}: {first_line}). "
+                         + hint + f"use the offline default: --model_name {OFFLINE_MODEL}")
 
 
 # A GGUF file is converted once into a transformers folder (float32 safetensors of the de-quantised weights,
@@ -253,6 +294,9 @@ def _load_gguf(path: Path, name: str, dtype):
     if target.is_dir():
         try:
             return _from_pretrained(str(target), {}, name, dtype)
+        except TokenizerMismatch:
+            shutil.rmtree(target, ignore_errors=True)   # stored before the probe existed; converting again
+            raise                                       # with this transformers would give the same
         except PipelineError as err:
             print(f"note: the converted copy {target} cannot be read ({err}); converting {path.name} again")
             shutil.rmtree(target, ignore_errors=True)
