@@ -81,20 +81,14 @@ def test_cache_with_room_gives_bitwise_the_concatenated_cache(arch_model):
     """Decoding steps writing into preallocated room see exactly the keys and values the concatenating
     cache holds: bitwise equal logits, also past the room (it then grows like the stock cache) and with
     Gemma-3's sliding-window layers (repeated as they are)."""
-    from transformers import DynamicCache
-
-    from utils.kv_cache import cache_with_room
+    from utils.kv_cache import cache_argument_name, cache_with_room, output_cache, repeated_cache
     _, model = arch_model
     ids = prompt(11)
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-    base = getattr(out, "cache", None) or out.past_key_values
-    kwarg = "past_key_values"
+        base = output_cache(model(input_ids=ids, use_cache=True))
+    kwarg = cache_argument_name(model)
     for room in (1, 8):
-        stock = DynamicCache(config=model.config)       # the plain way: repeat by hand, concatenate per step
-        with torch.no_grad():
-            stock = (getattr(model(input_ids=ids.expand(3, -1), use_cache=True), "cache", None)
-                     or model(input_ids=ids.expand(3, -1), use_cache=True).past_key_values)
+        stock = repeated_cache(base, 3)       # the stock layers: concatenated at every step
         roomy = cache_with_room(base, 3, room)
         tokens = torch.randint(0, VOCAB, (5, 3, 1), generator=torch.Generator().manual_seed(room))
         for step in range(5):

@@ -57,6 +57,14 @@ DEFAULT_POSITION_BUDGET = 2048   # token positions per pass where free memory ca
 STEP_MODES = ("auto", "cached", "batched", "prefix")
 
 
+def last_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, V]`` float logits of the last position.  With one position (``logits_to_keep=1``) a squeeze: its
+    backward is a view, where indexing's backward writes a zero tensor the size of all rows' logits and
+    copies into it (two passes over rows x vocabulary in every IG backward)."""
+    last = logits.squeeze(1) if logits.shape[1] == 1 else logits[:, -1]
+    return last.float()
+
+
 def unit_scores(comp: str, x: torch.Tensor, g: torch.Tensor | None, head_dim: int) -> dict:
     """Magnitude, gradient and GxO of one site from its output ``x`` and gradient ``g`` (both ``[W]``);
     a head's magnitude is the norm of its output slice, its gradient and GxO per-head means (utils/units.py)."""
@@ -121,7 +129,7 @@ class Attributor:
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
-        return out.logits[:, -1].float(), (output_cache(out) if use_cache else None)
+        return last_logits(out.logits), (output_cache(out) if use_cache else None)
 
     def _cache_of(self, input_ids):
         """The KV cache of a pass over ``input_ids`` that needs no logits: the decoder alone
@@ -169,7 +177,7 @@ class Attributor:
             kwargs["logits_to_keep"] = 1
         with torch.set_grad_enabled(with_grad), self.hooks.settings(record=True, probe=with_grad), \
                 shared_prefix_pass(self.model, prefix):
-            logits = self.model(**kwargs).logits[:, -1].float()
+            logits = last_logits(self.model(**kwargs).logits)
             if prefix.calls != L:
                 raise PipelineError(f"{type(self.model).__name__} ran the shared-cache attention in "
                                     f"{prefix.calls} of {L} layers; run it with step_mode='cached'")
@@ -358,7 +366,7 @@ class Attributor:
                 kwargs["logits_to_keep"] = 1
             with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True), \
                     self._staggered_rows(rows, source=src, full=K + B), shared_prefix_pass(self.model, prefix):
-                logits = self.model(**kwargs).logits[:, -1].float()
+                logits = last_logits(self.model(**kwargs).logits)
                 if prefix.calls != L:
                     # a layer that bypassed it attended to its own token only: results would be wrong
                     raise PipelineError(f"{type(self.model).__name__} ran the shared-cache attention in "
