@@ -99,10 +99,11 @@ def test_packed_ig_on_gpt2():
 def test_progress_counts_every_step_once():
     from conftest import tiny_llama
     prompt, label = random_sample(43, prompt_len=4, label_len=5)
-    ticks = []
-    Attributor(tiny_llama()).score_sample(prompt, label, ig_steps=2, batch_size=30, ig_packed=True,
-                                          on_step=lambda: ticks.append(1))
-    assert len(ticks) == 5
+    for n_steps in (1, 2):      # with one step, alpha = 1 alone: the dense gradient, no IG pass at all
+        ticks = []
+        Attributor(tiny_llama()).score_sample(prompt, label, ig_steps=n_steps, batch_size=30, ig_packed=True,
+                                              on_step=lambda: ticks.append(1))
+        assert len(ticks) == 5, n_steps
 
 
 def test_packed_pass_respects_the_position_budget():

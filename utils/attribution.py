@@ -312,8 +312,8 @@ class Attributor:
                          dense_grads=None) -> dict:
         """IG of steps t = 1..T-1, several steps' elements per pass: ``{t: {(comp, l): mean_k g}}``.
 
-        ``cache`` is the sample's dense cache after its last step (P+T-1 positions); the cache step t ran
-        against is its first P+t-1 positions, exactly (the cache only grows).  A pass holds one dense row
+        ``cache`` is the sample's dense cache of at least P+T-2 positions (:meth:`_prefix_steps`); the cache
+        step t runs against is its first P+t-1 positions.  A pass holds one dense row
         per step it covers plus that step's elements (``(comp, layer, k)``), staggered by layer as in
         ``_ig_step``.  The rows run with no cache object and ``position_ids = P-1+t``; their attention
         reads ``cache`` itself, shared (:class:`~utils.kv_cache.SharedPrefix`), row of step t up to its
@@ -394,6 +394,10 @@ class Attributor:
                 for t in steps:
                     if last_of[t] == i:
                         on_token(t)
+        if on_token is not None:
+            for t in range(1, T):
+                if t not in last_of:        # n_steps = 1: alpha = 1 alone, no pass ran for the step
+                    on_token(t)
         if dense_grads is not None:
             sums = {t: self._alpha_one(site, dense_grads[t]) for t, site in sums.items()}
         return {t: {key: v / n_steps for key, v in site.items()} for t, site in sums.items()}
