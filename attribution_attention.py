@@ -19,7 +19,7 @@ METRICS = ["gradient", "gxo"]   # any of gradient, gxo, ig
 N_STEPS = 20                    # integrated-gradients steps (alpha_k = k / n)
 BATCH_SIZE = None               # token positions per forward/backward (IG, batched steps); None: automatic
                                 # (from free memory on a GPU, 2048 on a CPU); lower it if memory runs out
-STEP_MODE = "auto"              # cached: one token per pass (CPU); batched: all steps of a sample at once (GPU)
+STEP_MODE = "auto"              # prefix (CPU): two passes per sample; batched (GPU): all steps at once
 NUM_DATA = None                 # None: every labelled sample
 
 
@@ -35,8 +35,10 @@ def build_parser() -> Parser:
                         help="token positions one forward/backward computes (IG elements or batched steps are "
                              "packed up to it; default: automatic, from free GPU memory, 2048 on a CPU)")
     parser.add_argument("--step_mode", default=STEP_MODE, choices=STEP_MODES,
-                        help="cached: one token per pass against the KV cache; batched: all steps of a sample "
-                             "as one batch (not with ig); auto: batched for gradient/gxo on CUDA, else cached")
+                        help="cached: one token per pass against the KV cache; prefix: the same arithmetic in "
+                             "two passes (every step a row reading the shared dense cache; not with ig); batched: "
+                             "all steps of a sample as one batch (not with ig); auto: batched for gradient/gxo on "
+                             "CUDA, prefix on a CPU, cached for ig")
     return parser
 
 
@@ -47,8 +49,9 @@ def parse(argv=None):
     if unknown:
         raise PipelineError(f"unknown --metric {', '.join(unknown)}; choose from {', '.join(SCORE_METRICS)}")
     args.metric = [m for m in SCORE_METRICS if m in args.metric]
-    if args.step_mode == "batched" and "ig" in args.metric:
-        raise PipelineError("--step_mode batched does not run integrated gradients; use auto or cached for ig")
+    if args.step_mode in ("batched", "prefix") and "ig" in args.metric:
+        raise PipelineError(f"--step_mode {args.step_mode} does not run integrated gradients; use auto or cached "
+                            "for ig")
     return args
 
 

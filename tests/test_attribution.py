@@ -79,8 +79,9 @@ def test_ig_rows_join_at_their_own_layer(arch_model):
     L, n = 3, 3
     staggered = [1 + 2 * n * (l + 1) for l in range(L)]
     dense = [1] * L
-    # per step: the IG pass (one chunk holds all elements), then the dense pass
-    assert seen == (staggered + dense) * len(label)
+    # per step: the IG pass (one chunk holds all elements), then the dense pass; the prompt step's IG runs
+    # as two staggered passes: the positions before the last without autograd, then the last against them
+    assert seen == staggered + staggered + dense + (staggered + dense) * (len(label) - 1)
 
 
 def test_ig_with_one_step_equals_gxo(arch_model):
@@ -161,7 +162,7 @@ def test_auto_step_mode_choice():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_step_mode("auto", gpu, ig=False) == "batched"
     assert resolve_step_mode("auto", gpu, ig=True) == "cached"
-    assert resolve_step_mode("auto", cpu, ig=False) == "cached"
+    assert resolve_step_mode("auto", cpu, ig=False) == "prefix"      # gradients: two passes per sample
     assert resolve_step_mode("auto", cpu, ig=False, gradients=False) == "batched"   # magnitudes: one pass
     assert resolve_step_mode("auto", cpu, ig=True, gradients=False) == "cached"
     assert resolve_step_mode("auto", cpu, ig=True) == "cached"
@@ -185,7 +186,8 @@ def test_auto_on_cuda_runs_the_batched_path(arch_model):
 def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
     """--batch_size counts token positions: the prompt step (5 positions per element) packs 12 // 5 = 2
     elements per pass, a one-token step 12 (one step per pass; packed steps: tests/test_ig_fast.py); the
-    dense row comes on top."""
+    dense row comes on top.  Each prompt-step chunk runs as two passes: its first 4 positions without
+    autograd, then the last position against them."""
     _, model = arch_model
     prompt, label = random_sample(6, prompt_len=5, label_len=2)
     shapes = []
@@ -198,8 +200,59 @@ def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
     finally:
         handle.remove()
     elements = 2 * 3 * 3                     # components x layers x steps
-    prompt_passes = [s for s in shapes if s[1] == 5]
+    prefix_passes = [s for s in shapes if s[1] == 4]
     token_passes = [s for s in shapes if s[1] == 1]
-    assert prompt_passes[:-1] == [(3, 5)] * 9 and prompt_passes[-1] == (1, 5)   # 9 IG passes, then the dense one
-    assert token_passes == [(13, 1), (7, 1), (1, 1)]                            # 12 + 6 elements, then dense
-    assert sum(r - 1 for r, _ in prompt_passes[:-1]) == elements
+    assert prefix_passes == [(3, 4)] * 9                                        # 9 IG chunks of 2 elements
+    assert [s for s in shapes if s[1] == 5] == [(1, 5)]                          # the dense prompt step
+    assert token_passes[:9] == [(3, 1)] * 9                                     # their last positions
+    assert token_passes[9:] == [(13, 1), (7, 1), (1, 1)]                        # 12 + 6 elements, then dense
+    assert sum(r - 1 for r, _ in prefix_passes) == elements
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_prefix_steps_match_naive_loop(arch_model, use_cache):
+    """step_mode prefix (all steps as rows of one pass against the shared dense cache, one backward) gives
+    the naive loop's magnitude, gradient, GxO and norms, in two passes per sample whatever the label length:
+    the prefix pass (decoder only) and one pass of T one-token rows."""
+    _, model = arch_model
+    prompt, label = random_sample(13, prompt_len=6, label_len=5)
+    passes = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: passes.append(tuple(k["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        fast = Attributor(model).score_sample(prompt, label, step_mode="prefix")
+    finally:
+        handle.remove()
+    assert passes == [(len(label), 1)]           # the LM head runs once, on the T step rows
+    slow = reference_scores(model, prompt, label, use_cache=use_cache)
+    assert set(fast) == set(slow)
+    for key in slow:
+        assert_close(fast[key], slow[key], key)
+    assert fast["gxo_attention"].abs().min() > 0 and fast["grad_norm_mlp"].min() > 0
+    mags = Attributor(model).score_sample(prompt, label, gradients=False, step_mode="prefix")
+    for comp in ("attention", "mlp"):
+        assert_close(mags[f"magnitude_{comp}"], slow[f"magnitude_{comp}"], f"magnitude_{comp} without gradients")
+
+
+def test_prefix_steps_fall_back_to_cached_where_the_cache_cannot_be_shared():
+    """A one-token prompt with a one-token label has no cached position; a model outside the attention
+    interface cannot share its cache: both run the cached loop (one pass per step), equal to the naive loop."""
+    from conftest import tiny_llama
+    model = tiny_llama()
+    att = Attributor(model)
+    for prompt_len, label_len, supported in ((1, 1, True), (5, 3, False)):
+        prompt, label = random_sample(17, prompt_len=prompt_len, label_len=label_len)
+        if not supported:
+            model._supports_attention_backend = False      # the instance only
+        passes = []
+        handle = model.register_forward_pre_hook(lambda m, a, k: passes.append(tuple(k["input_ids"].shape)),
+                                                 with_kwargs=True)
+        try:
+            fast = att.score_sample(prompt, label, step_mode="prefix")
+        finally:
+            handle.remove()
+            model.__dict__.pop("_supports_attention_backend", None)
+        assert passes == [(1, prompt_len)] + [(1, 1)] * (label_len - 1)
+        slow = reference_scores(model, prompt, label)
+        for key in slow:
+            assert_close(fast[key], slow[key], f"{key} ({prompt_len}, {label_len}, {supported})")

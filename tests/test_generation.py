@@ -75,3 +75,40 @@ def test_generation_stops_at_eos(arch_model):
         outs = masked_generate(model, hooks, ids, keep, eos_ids=[eos])
     assert outs == [stopped, stopped]
     assert strip_at_eos([1, 2, 9, 3], [9]) == [1, 2]
+
+
+def test_cache_with_room_gives_bitwise_the_concatenated_cache(arch_model):
+    """Decoding steps writing into preallocated room see exactly the keys and values the concatenating
+    cache holds: bitwise equal logits, also past the room (it then grows like the stock cache) and with
+    Gemma-3's sliding-window layers (repeated as they are)."""
+    from utils.kv_cache import cache_argument_name, cache_with_room, output_cache, repeated_cache
+    _, model = arch_model
+    ids = prompt(11)
+    with torch.no_grad():
+        base = output_cache(model(input_ids=ids, use_cache=True))
+    kwarg = cache_argument_name(model)
+    for room in (1, 8):
+        stock = repeated_cache(base, 3)       # the stock layers: concatenated at every step
+        roomy = cache_with_room(base, 3, room)
+        tokens = torch.randint(0, VOCAB, (5, 3, 1), generator=torch.Generator().manual_seed(room))
+        for step in range(5):
+            with torch.no_grad():
+                a = model(input_ids=tokens[step], use_cache=True, **{kwarg: stock}).logits
+                b = model(input_ids=tokens[step], use_cache=True, **{kwarg: roomy}).logits
+            assert torch.equal(a, b), f"room {room}, step {step}"
+    assert base.get_seq_length() == ids.shape[1]        # the prompt's own cache is left as it was
+
+
+def test_distinct_variants_against_pairwise_comparison():
+    from utils.sweep import distinct_variants
+    g = torch.Generator().manual_seed(5)
+    base = {ATTN: torch.rand(4, 3, 2, 4, generator=g) > 0.5, MLP: torch.rand(4, 3, 2, 6, generator=g) > 0.5}
+    order = [2, 0, 2, 1, 3, 0, 0]                       # variants 0, 2 and 5/6 repeat earlier ones
+    keep = {c: base[c][order] for c in base}
+    keep[MLP][6, 2, 1, 5] = ~keep[MLP][6, 2, 1, 5]      # ... except one unit of one step makes 6 distinct
+    first, copy_of = distinct_variants(keep)
+    equal = [[all(torch.equal(keep[c][a], keep[c][b]) for c in keep) for b in range(7)] for a in range(7)]
+    expected_first = [b for b in range(7) if not any(equal[a][b] for a in range(b))]
+    assert first == expected_first == [0, 1, 3, 4, 6]
+    for b in range(7):
+        assert equal[first[copy_of[b]]][b]

@@ -48,9 +48,11 @@ def test_packed_ig_matches_per_step_path_and_naive_loop(arch_model):
             assert_close(packed[key], slow[key], f"packed {key} (budget {budget})")
             assert_close(per_step[key], slow[key], f"per-step {key} (budget {budget})")
         assert packed["ig_attention"].abs().min() > 0
-        if budget == 100_000:   # 4 dense steps, the prompt's IG pass, then ONE pass for all later steps
-            one_token = [s for s in sizes if s[1] == 1 and s[0] > 1]
-            assert len(one_token) == 1 and one_token[0][0] == 3 + 3 * 2 * 3 * 3   # 3 dense rows + 3 x 18
+        if budget == 100_000:   # the 4 dense steps as rows of one pass, the prompt's IG, then ONE pass for
+            # all later steps: 3 dense rows + 3 steps x 2 components x 3 layers x 2 alphas (alpha = 1 is the
+            # dense gradient, not run again)
+            one_token = [tuple(s) for s in sizes if s[1] == 1 and s[0] > 1]
+            assert one_token == [(4, 1), (3 + 3 * 2 * 3 * 2, 1)]
 
 
 def test_packed_ig_keeps_gradient_and_gxo(arch_model):
@@ -97,16 +99,17 @@ def test_packed_ig_on_gpt2():
 def test_progress_counts_every_step_once():
     from conftest import tiny_llama
     prompt, label = random_sample(43, prompt_len=4, label_len=5)
-    ticks = []
-    Attributor(tiny_llama()).score_sample(prompt, label, ig_steps=2, batch_size=30, ig_packed=True,
-                                          on_step=lambda: ticks.append(1))
-    assert len(ticks) == 5
+    for n_steps in (1, 2):      # with one step, alpha = 1 alone: the dense gradient, no IG pass at all
+        ticks = []
+        Attributor(tiny_llama()).score_sample(prompt, label, ig_steps=n_steps, batch_size=30, ig_packed=True,
+                                              on_step=lambda: ticks.append(1))
+        assert len(ticks) == 5, n_steps
 
 
 def test_packed_pass_respects_the_position_budget():
     """A packed row costs its one position plus its cache slots weighted by the cache weight: with a
     budget of 40 every pass holds at most 40 // (1 + w * longest prefix) elements (plus its dense rows),
-    and all 3 later steps x 18 elements are computed."""
+    and all 3 later steps x 12 elements are computed (alpha = 1 is the dense gradient, not run again)."""
     from conftest import tiny_llama
     model = tiny_llama()
     prompt, label = random_sample(47, prompt_len=6, label_len=4)
@@ -116,16 +119,19 @@ def test_packed_pass_respects_the_position_budget():
     _, sizes = passes_of(model, lambda: att.score_sample(prompt, label, gradients=False, ig_steps=3,
                                                          batch_size=40, ig_packed=True))
     packed = [s[0] for s in sizes if s[1] == 1 and s[0] > 1]
+    assert packed[0] == 4          # the dense steps, one row each
+    packed = packed[1:]
     most = int(40 // (1 + w * 6))
     assert all(r - 2 <= most for r in packed)
-    assert sum(packed) >= 3 * 18 and len(packed) >= 54 / (most + 2)
+    assert sum(packed) >= 3 * 12 and len(packed) >= 36 / (most + 2)
 
 
 def test_packing_is_the_default(arch_model):
-    """On a CPU too (these tests) IG packs the later steps: 3 dense one-token passes, then one pass holding
-    both later steps (2 dense rows + 2 x 2 components x 3 layers x 2 alphas)."""
+    """On a CPU too (these tests) IG packs the later steps: the 3 dense steps as the rows of one pass, the
+    prompt step's last position (its earlier positions run without logits), then one pass holding both
+    later steps (2 dense rows + 2 x 2 components x 3 layers x 1 alpha: alpha = 1 is the dense gradient)."""
     _, model = arch_model
     prompt, label = random_sample(53, prompt_len=4, label_len=3)
     _, sizes = passes_of(model, lambda: Attributor(model).score_sample(prompt, label, gradients=False, ig_steps=2,
                                                                        batch_size=10_000))
-    assert [tuple(s) for s in sizes if s[1] == 1] == [(1, 1)] * 2 + [(2 + 2 * 2 * 3 * 2, 1)]
+    assert [tuple(s) for s in sizes if s[1] == 1] == [(3, 1), (1, 1), (2 + 2 * 2 * 3 * 1, 1)]

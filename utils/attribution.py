@@ -54,7 +54,15 @@ from .units import head_mean
 
 SCORE_METRICS = ("gradient", "gxo", "ig")
 DEFAULT_POSITION_BUDGET = 2048   # token positions per pass where free memory cannot be asked (CPU)
-STEP_MODES = ("auto", "cached", "batched")
+STEP_MODES = ("auto", "cached", "batched", "prefix")
+
+
+def last_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, V]`` float logits of the last position.  With one position (``logits_to_keep=1``) a squeeze: its
+    backward is a view, where indexing's backward writes a zero tensor the size of all rows' logits and
+    copies into it (two passes over rows x vocabulary in every IG backward)."""
+    last = logits.squeeze(1) if logits.shape[1] == 1 else logits[:, -1]
+    return last.float()
 
 
 def unit_scores(comp: str, x: torch.Tensor, g: torch.Tensor | None, head_dim: int) -> dict:
@@ -77,15 +85,19 @@ def ig_from_gradients(comp: str, x: torch.Tensor, g_mean: torch.Tensor, head_dim
 
 
 def resolve_step_mode(step_mode: str, device: torch.device, ig: bool, gradients: bool = True) -> str:
-    """``auto`` -> ``batched`` for gradient/GxO on CUDA, ``cached`` otherwise (IG always runs cached; a CPU
-    pays for arithmetic, which batching gradients multiplies, not for passes).  Without gradients
-    (magnitudes only) ``batched`` is one teacher-forced pass per sample, less work than T cached passes
-    on any device, so ``auto`` picks it everywhere."""
+    """``auto`` -> ``batched`` for gradient/GxO on CUDA, ``prefix`` on a CPU (IG always runs cached; a CPU
+    pays for arithmetic, which batching gradients multiplies, and for passes, which ``cached`` multiplies;
+    ``prefix`` does neither).  Without gradients (magnitudes only) ``batched`` is one teacher-forced pass
+    per sample, less work than T cached passes on any device, so ``auto`` picks it everywhere.
+    :meth:`Attributor.score_sample` runs ``prefix`` as ``cached`` where the model cannot share its cache
+    (:meth:`Attributor.can_pack_ig`)."""
     if step_mode not in STEP_MODES:
         raise ValueError(f"step_mode must be one of {STEP_MODES}, not {step_mode!r}")
     if step_mode == "auto":
-        return "batched" if (torch.device(device).type == "cuda" or not gradients) and not ig else "cached"
-    if step_mode == "batched" and ig:
+        if ig:
+            return "cached"
+        return "batched" if torch.device(device).type == "cuda" or not gradients else "prefix"
+    if step_mode in ("batched", "prefix") and ig:
         raise ValueError("integrated gradients run in step_mode='cached'")
     return step_mode
 
@@ -117,7 +129,13 @@ class Attributor:
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
-        return out.logits[:, -1].float(), (output_cache(out) if use_cache else None)
+        return last_logits(out.logits), (output_cache(out) if use_cache else None)
+
+    def _cache_of(self, input_ids):
+        """The KV cache of a pass over ``input_ids`` that needs no logits: the decoder alone
+        (``base_model``), so not even the last position pays for the vocabulary projection (which, on a
+        sliced, staggered batch, ran as a slow batched matmul)."""
+        return output_cache(self.model.base_model(input_ids=input_ids, use_cache=True))
 
     def _dense_step(self, input_ids, target, cache, with_grad: bool):
         """The dense pass of one step: records x (and g when ``with_grad``); returns the new cache."""
@@ -132,6 +150,55 @@ class Attributor:
             xs = {c: list(self.hooks.recorded[c]) for c in COMPONENTS}
         detach_cache_(cache)
         return xs, grads, cache
+
+    def _prefix_steps(self, prompt_ids, labels, with_grad: bool):
+        """The dense passes of every step of a sample in two passes: ``([(xs, grads)] per step, cache)``.
+
+        A step's loss depends on its own new position only through that position's column of the network
+        (causal attention: later positions do not feed it), and the earlier positions' keys and values are
+        constants of the step (the cached path detaches them).  So one no-grad pass over the first P+T-2
+        tokens of the teacher-forced sequence gives the cache of every step, and one pass of T rows, row t
+        the step's one new token (the last prompt token for t = 0, label[t-1] after) at position P-1+t,
+        reading its first P-1+t cached positions through the shared-prefix attention, gives every step's x
+        and, with one backward of the summed losses, its own gradient: rows are independent and no
+        gradient flows into the shared cache.  This is the cached path's arithmetic (T new positions) in
+        two passes instead of T.  The cache (P+T-2 positions) is what packed IG reads."""
+        P, T = prompt_ids.shape[1], labels.shape[0]
+        L, device = self.layout.num_layers, labels.device
+        seq = torch.cat([prompt_ids[0], labels[:-1]])          # step t's new token is seq[P-1+t]
+        width = P + T - 2                                       # the longest prefix a step reads
+        with torch.no_grad():
+            cache = self._cache_of(seq[None, :width])
+        positions = P - 1 + torch.arange(T, device=device)
+        prefix = SharedPrefix(cache, positions, width)
+        kwargs = forward_kwargs(self._cache_name, seq[P - 1:, None], use_cache=False)
+        kwargs["position_ids"] = positions[:, None]
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        with torch.set_grad_enabled(with_grad), self.hooks.settings(record=True, probe=with_grad), \
+                shared_prefix_pass(self.model, prefix):
+            logits = last_logits(self.model(**kwargs).logits)
+            if prefix.calls != L:
+                raise PipelineError(f"{type(self.model).__name__} ran the shared-cache attention in "
+                                    f"{prefix.calls} of {L} layers; run it with step_mode='cached'")
+            grads = None
+            if with_grad:
+                # rows are independent, so the summed loss gives each step its own gradient
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+                grads = torch.autograd.grad(loss, self.hooks.all_probes())
+            recorded = {c: list(self.hooks.recorded[c]) for c in COMPONENTS}      # [T, width] per layer
+        out = []
+        for t in range(T):
+            xs = {c: [recorded[c][l][t:t + 1] for l in range(L)] for c in COMPONENTS}
+            g = None
+            if grads is not None:
+                g = {(c, l): grads[i * L + l][t:t + 1] for i, c in enumerate(COMPONENTS) for l in range(L)}
+            out.append((xs, g))
+        return out, cache
+
+    def can_share_prefix(self, prompt_len: int, label_len: int) -> bool:
+        """``prefix`` steps need what packed IG needs (:meth:`can_pack_ig`) and at least one cached position."""
+        return prompt_len + label_len >= 3 and self.can_pack_ig(prompt_len, label_len)
 
     @contextlib.contextmanager
     def _staggered_rows(self, rows: list[int], source: torch.Tensor | None = None, full: int | None = None):
@@ -175,12 +242,24 @@ class Attributor:
             for handle in handles:
                 handle.remove()
 
-    def _ig_step(self, input_ids, target, cache, n_steps: int, batch_size: int) -> dict:
-        """Mean over alpha_k of the gradient at every site, each site scaled alone: ``{(comp, l): [W]}``."""
+    def _ig_step(self, input_ids, target, cache, n_steps: int, batch_size: int, dense_grads=None) -> dict:
+        """Mean over alpha_k of the gradient at every site, each site scaled alone: ``{(comp, l): [W]}``.
+
+        The probe sits at the step's last position, and nothing at an earlier position depends on it
+        (causal attention), so its gradient flows back through that position's column only; the earlier
+        positions enter as keys and values, constants of the backward.  The prompt step (``cache`` None,
+        several positions) therefore runs its positions before the last without autograd (scaled like
+        the rest, each row into its own cache) and then the last position with autograd against that
+        cache: the same gradients, with a backward over one position instead of the whole prompt.
+
+        ``dense_grads`` (``{(comp, l): [1, W]}``, the dense step's gradients): alpha_n = 1 leaves the model
+        dense, so its gradient is the dense one and those elements are not run (:meth:`_alpha_one`)."""
         L = self.layout.num_layers
+        split = cache is None and input_ids.shape[1] > 1
+        last_k = n_steps if dense_grads is None else n_steps - 1
         device = input_ids.device
         # ordered by layer, so each chunk's rows join the staggered batch in order
-        elements = [(c, l, k) for l in range(L) for c in COMPONENTS for k in range(1, n_steps + 1)]
+        elements = [(c, l, k) for l in range(L) for c in COMPONENTS for k in range(1, last_k + 1)]
         per_pass = max(1, batch_size // input_ids.shape[1])
         sums = {}
         for start in range(0, len(elements), per_pass):
@@ -192,9 +271,19 @@ class Attributor:
             for b, (c, l, k) in enumerate(chunk):
                 scales[c][b + 1, l] = k / n_steps
             scales = {c: s.to(device) for c, s in scales.items()}
-            batch_cache = repeated_cache(cache, rows) if cache is not None else None
+            step_ids = input_ids
+            if cache is not None:
+                batch_cache = repeated_cache(cache, rows)
+            elif split:
+                # the prompt's positions before the last, scaled like the rest, without autograd: they
+                # become each row's own cache (layer l holds rows[l] rows, as the staggered batch runs it)
+                with torch.no_grad(), self.hooks.settings(scales=scales), self._staggered_rows(rows):
+                    batch_cache = self._cache_of(input_ids[:, :-1])
+                step_ids = input_ids[:, -1:]
+            else:
+                batch_cache = None
             with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True), self._staggered_rows(rows):
-                logits, _ = self._forward(input_ids, batch_cache, use_cache=cache is not None)
+                logits, _ = self._forward(step_ids, batch_cache, use_cache=batch_cache is not None)
                 # elements are independent, so the summed loss gives each its own gradient
                 loss = F.cross_entropy(logits[1:], target.expand(B), reduction="sum")
                 sites = sorted({(c, l) for c, l, _ in chunk})
@@ -208,13 +297,23 @@ class Attributor:
                 part = g[first:last + 1].float().sum(0)
                 sums[site] = sums[site] + part if site in sums else part
             del batch_cache
-        return {key: value / n_steps for key, value in sums.items()}
+        return {key: value / n_steps for key, value in self._alpha_one(sums, dense_grads).items()}
 
-    def _packed_ig_steps(self, prompt_len: int, labels, cache, n_steps: int, budget: int, on_token=None) -> dict:
+    @staticmethod
+    def _alpha_one(sums: dict, dense_grads) -> dict:
+        """Add the alpha_n = 1 term, the dense gradient, to each site's sum over the other alphas (last, as
+        the loop over k would)."""
+        if dense_grads is None:
+            return sums
+        return {site: (sums[site] + g[0].float()) if site in sums else g[0].float()
+                for site, g in dense_grads.items()}
+
+    def _packed_ig_steps(self, prompt_len: int, labels, cache, n_steps: int, budget: int, on_token=None,
+                         dense_grads=None) -> dict:
         """IG of steps t = 1..T-1, several steps' elements per pass: ``{t: {(comp, l): mean_k g}}``.
 
-        ``cache`` is the sample's dense cache after its last step (P+T-1 positions); the cache step t ran
-        against is its first P+t-1 positions, exactly (the cache only grows).  A pass holds one dense row
+        ``cache`` is the sample's dense cache of at least P+T-2 positions (:meth:`_prefix_steps`); the cache
+        step t runs against is its first P+t-1 positions.  A pass holds one dense row
         per step it covers plus that step's elements (``(comp, layer, k)``), staggered by layer as in
         ``_ig_step``.  The rows run with no cache object and ``position_ids = P-1+t``; their attention
         reads ``cache`` itself, shared (:class:`~utils.kv_cache.SharedPrefix`), row of step t up to its
@@ -223,7 +322,7 @@ class Attributor:
         L, T, device = self.layout.num_layers, labels.shape[0], labels.device
         weight = self._cache_weight()
         elements = [(t, c, l, k) for t in range(1, T) for l in range(L) for c in COMPONENTS
-                    for k in range(1, n_steps + 1)]
+                    for k in range(1, (n_steps if dense_grads is None else n_steps - 1) + 1)]
         chunks, current, cost = [], [], 0.0
         for e in elements:
             row_cost = 1.0 + weight * (prompt_len + e[0] - 1)
@@ -267,7 +366,7 @@ class Attributor:
                 kwargs["logits_to_keep"] = 1
             with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True), \
                     self._staggered_rows(rows, source=src, full=K + B), shared_prefix_pass(self.model, prefix):
-                logits = self.model(**kwargs).logits[:, -1].float()
+                logits = last_logits(self.model(**kwargs).logits)
                 if prefix.calls != L:
                     # a layer that bypassed it attended to its own token only: results would be wrong
                     raise PipelineError(f"{type(self.model).__name__} ran the shared-cache attention in "
@@ -295,22 +394,27 @@ class Attributor:
                 for t in steps:
                     if last_of[t] == i:
                         on_token(t)
+        if on_token is not None:
+            for t in range(1, T):
+                if t not in last_of:        # n_steps = 1: alpha = 1 alone, no pass ran for the step
+                    on_token(t)
+        if dense_grads is not None:
+            sums = {t: self._alpha_one(site, dense_grads[t]) for t, site in sums.items()}
         return {t: {key: v / n_steps for key, v in site.items()} for t, site in sums.items()}
 
     def _packed_sample(self, prompt_ids, labels, gradients, ig_steps, budget, on_step):
-        """Dense steps first (their cache is the one every IG pass reuses), then IG of step 0 (the prompt)
-        and of all later steps packed: ``[(xs, grads, ig)]`` per step."""
-        cache, dense = None, []
-        for t in range(labels.shape[0]):
-            step_input = prompt_ids if t == 0 else labels[t - 1:t].view(1, 1)
-            xs, grads, cache = self._dense_step(step_input, labels[t:t + 1], cache, with_grad=gradients)
-            dense.append((xs, grads))
+        """Dense steps first (:meth:`_prefix_steps`; their cache is the one every IG pass reuses), then IG of
+        step 0 (the prompt) and of all later steps packed: ``[(xs, grads, ig)]`` per step."""
+        # with gradients always: they are IG's alpha = 1 term (:meth:`_alpha_one`)
+        dense, cache = self._prefix_steps(prompt_ids, labels, True)
+        grads = [g for _, g in dense]
         tick = (lambda _t: on_step()) if on_step is not None else None
-        ig = {0: self._ig_step(prompt_ids, labels[0:1], None, ig_steps, budget)}
+        ig = {0: self._ig_step(prompt_ids, labels[0:1], None, ig_steps, budget, dense_grads=grads[0])}
         if tick is not None:
             tick(0)
-        ig.update(self._packed_ig_steps(prompt_ids.shape[1], labels, cache, ig_steps, budget, on_token=tick))
-        return [(xs, grads, ig[t]) for t, (xs, grads) in enumerate(dense)]
+        ig.update(self._packed_ig_steps(prompt_ids.shape[1], labels, cache, ig_steps, budget, on_token=tick,
+                                        dense_grads=grads))
+        return [(xs, g if gradients else None, ig[t]) for t, (xs, g) in enumerate(dense)]
 
     def position_budget(self, requested: int | None = None) -> int:
         """Token positions per IG pass: ``requested`` if given; on CUDA, what 60% of the free memory holds
@@ -414,7 +518,9 @@ class Attributor:
         Returns a dict of float32 CPU tensors: ``magnitude_{attention,mlp}`` ``[T, L, units]``, and when
         ``gradients``: ``gradient_*``, ``gxo_*`` and ``grad_norm_*`` (``[T, L]``); when ``ig_steps``:
         ``ig_*``.  ``step_mode``: ``cached`` (one token per pass against the KV cache), ``batched`` (all
-        steps as one batch; not with IG) or ``auto`` (:func:`resolve_step_mode`).  ``batch_size`` bounds
+        steps as one batch; not with IG), ``prefix`` (every step's new token as one row of one pass against
+        the shared dense cache, :meth:`_prefix_steps`; not with IG; ``cached`` where the model cannot share
+        its cache) or ``auto`` (:func:`resolve_step_mode`).  ``batch_size`` bounds
         the token positions one forward/backward pass computes (memory), for IG and for batched steps; a
         cached position held by an IG row counts as ``_cache_weight()`` of one.  ``batch_size=None``
         chooses it from free device memory (:meth:`position_budget`).  ``ig_packed`` runs the IG elements of
@@ -432,8 +538,11 @@ class Attributor:
         batch_size = self.position_budget(batch_size)
         steps: list[dict] = []
         cache = None
-        batched = (self._batched_steps(prompt_ids, labels, gradients, batch_size)
-                   if step_mode == "batched" and label_ids else None)
+        batched = None                         # [(xs, grads)] per step, when computed ahead of the loop
+        if step_mode == "batched" and label_ids:
+            batched = self._batched_steps(prompt_ids, labels, gradients, batch_size)
+        elif step_mode == "prefix" and label_ids and self.can_share_prefix(P, T):
+            batched, _ = self._prefix_steps(prompt_ids, labels, gradients)   # else: the cached loop below
         precomputed = None
         if ig_steps and ig_packed and T > 1 and self.can_pack_ig(P, T):
             ticked = [0]                       # progress already reported (a retry does not repeat it)

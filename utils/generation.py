@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import cache_argument_name, forward_kwargs, output_cache, repeated_cache
+from .kv_cache import cache_argument_name, cache_with_room, forward_kwargs, output_cache
 from .sites import ATTN, MLP, SiteHooks
 
 
@@ -45,7 +45,7 @@ def masked_generate(model, hooks: SiteHooks, prompt_ids: torch.Tensor, keep: dic
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     out = model(**forward_kwargs(cache_name, prompt_ids.to(device)))
     first = out.logits[:, -1].argmax(-1)                        # step 0: dense, shared by all
-    cache = repeated_cache(output_cache(out), B)
+    cache = cache_with_room(output_cache(out), B, max_new_tokens)   # steps write in place, no copy per step
     tokens = [first.expand(B)]
     done = torch.isin(tokens[0], eos)
     for t in range(1, max_new_tokens):

@@ -90,6 +90,52 @@ def repeated_cache(cache, batch):
     return new
 
 
+def _room_layer_class():
+    """``DynamicLayer`` that appends into preallocated room instead of concatenating (see :func:`cache_with_room`)."""
+    global _RoomLayer
+    if _RoomLayer is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class RoomLayer(DynamicLayer):
+            def update(self, key_states, value_states, *args, **kwargs):
+                n, m = self.keys.shape[-2], key_states.shape[-2]
+                if n + m > self.room_keys.shape[-2]:          # out of room: grow as DynamicLayer does
+                    return super().update(key_states, value_states, *args, **kwargs)
+                self.room_keys[:, :, n:n + m] = key_states
+                self.room_values[:, :, n:n + m] = value_states
+                self.keys, self.values = self.room_keys[:, :, :n + m], self.room_values[:, :, :n + m]
+                return self.keys, self.values
+
+        _RoomLayer = RoomLayer
+    return _RoomLayer
+
+
+_RoomLayer = None
+
+
+def cache_with_room(cache, batch: int, room: int):
+    """Like :func:`repeated_cache` (``batch`` copies of a batch-1 cache), but each plain ``DynamicLayer``
+    gets ``room`` more positions allocated up front, so a decoding step writes its keys and values in place
+    instead of copying the whole cache (``torch.cat``) at every step and layer.  A layer's keys and values
+    are views of the first positions of its buffer, holding the same numbers as the concatenated ones; the
+    attention reads them as it would the concatenation.  Other layer kinds (sliding windows) and legacy
+    caches are repeated as :func:`repeated_cache` does."""
+    new = repeated_cache(cache, batch)
+    from transformers.cache_utils import DynamicLayer
+    for layer in getattr(new, "layers", None) or []:
+        if type(layer) is not DynamicLayer or not torch.is_tensor(getattr(layer, "keys", None)):
+            continue
+        b, h, n, d = layer.keys.shape
+        keys = layer.keys.new_empty(b, h, n + room, d)
+        values = layer.values.new_empty(b, h, n + room, layer.values.shape[-1])
+        keys[:, :, :n] = layer.keys
+        values[:, :, :n] = layer.values
+        layer.__class__ = _room_layer_class()
+        layer.room_keys, layer.room_values = keys, values
+        layer.keys, layer.values = keys[:, :, :n], values[:, :, :n]
+    return new
+
+
 def layer_key_values(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[(keys, values)]`` of every layer of ``cache`` (``[batch, kv_heads, positions, head_dim]`` each)."""
     layers = getattr(cache, "layers", None)

@@ -154,6 +154,21 @@ def sample_keep_masks(per_metric: dict, metric: str, i: int, ratios, selected, h
             for comp in COMPONENTS}
 
 
+def distinct_variants(keep: dict) -> tuple[list[int], list[int]]:
+    """``(first, copy_of)``: the index of the first variant of each distinct mask (in order), and for every
+    variant the position in ``first`` of the variant it equals.  ``keep[comp]``: bool ``[B, T, L, units]``;
+    two variants are equal when every component's masks are."""
+    first, copy_of, seen = [], [], {}
+    flat = torch.cat([keep[c].reshape(keep[c].shape[0], -1) for c in COMPONENTS], dim=1).cpu()
+    for b in range(flat.shape[0]):
+        key = flat[b].numpy().tobytes()
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(b)
+        copy_of.append(seen[key])
+    return first, copy_of
+
+
 def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_layers=None,
               variant: str = "paper", batch_size: int = 0, sources=("oracle",), calib_num_data=None,
               plot_metrics=("bleu",)) -> dict:
@@ -208,12 +223,18 @@ def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_laye
             keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [V*R, T, L, U]
             kept, total = kept_weight(keep, weights)
             prompt = torch.tensor([labels.prompt_ids[i]])
-            step = batch_size if batch_size > 0 else keep[ATTN].shape[0]
-            outputs = []
-            for s in range(0, keep[ATTN].shape[0], step):
-                part = {c: keep[c][s:s + step] for c in COMPONENTS}
-                outputs.extend(masked_generate(run.model, hooks, prompt, part, eos, len(label)))
-            quality = teacher_forced_quality(run.model, hooks, prompt, label, keep, batch_size)
+            # variants with the same masks (every metric at ratio 0, for one) decode and score once
+            first, copy_of = distinct_variants(keep)
+            unique = {c: keep[c][first] for c in COMPONENTS}
+            step = batch_size if batch_size > 0 else len(first)
+            decoded = []
+            for s in range(0, len(first), step):
+                part = {c: unique[c][s:s + step] for c in COMPONENTS}
+                decoded.extend(masked_generate(run.model, hooks, prompt, part, eos, len(label)))
+            outputs = [decoded[j] for j in copy_of]
+            quality = teacher_forced_quality(run.model, hooks, prompt, label, unique, batch_size)
+            if quality is not None:
+                quality = {k: v[copy_of] for k, v in quality.items()}
             for b, ids in enumerate(outputs):
                 text = tok.decode(ids, skip_special_tokens=True)
                 metric, src = active[b // R]
