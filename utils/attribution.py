@@ -137,6 +137,20 @@ class Attributor:
         sliced, staggered batch, ran as a slow batched matmul)."""
         return output_cache(self.model.base_model(input_ids=input_ids, use_cache=True))
 
+    def _split_rows(self, recorded: dict, grads, rows: int) -> list:
+        """Per batch row b: ``({comp: [x_l]}, {(comp, l): g} or None)``, each ``[1, width]``, from a pass's
+        recorded outputs (``{comp: [[rows, width]] per layer}``) and its probe gradients (``all_probes``
+        order: component-major, then layer)."""
+        L = self.layout.num_layers
+        out = []
+        for b in range(rows):
+            xs = {c: [recorded[c][l][b:b + 1] for l in range(L)] for c in COMPONENTS}
+            g = None
+            if grads is not None:
+                g = {(c, l): grads[i * L + l][b:b + 1] for i, c in enumerate(COMPONENTS) for l in range(L)}
+            out.append((xs, g))
+        return out
+
     def _dense_step(self, input_ids, target, cache, with_grad: bool):
         """The dense pass of one step: records x (and g when ``with_grad``); returns the new cache."""
         with torch.set_grad_enabled(with_grad), self.hooks.settings(record=True, probe=with_grad):
@@ -187,14 +201,7 @@ class Attributor:
                 loss = F.cross_entropy(logits, labels, reduction="sum")
                 grads = torch.autograd.grad(loss, self.hooks.all_probes())
             recorded = {c: list(self.hooks.recorded[c]) for c in COMPONENTS}      # [T, width] per layer
-        out = []
-        for t in range(T):
-            xs = {c: [recorded[c][l][t:t + 1] for l in range(L)] for c in COMPONENTS}
-            g = None
-            if grads is not None:
-                g = {(c, l): grads[i * L + l][t:t + 1] for i, c in enumerate(COMPONENTS) for l in range(L)}
-            out.append((xs, g))
-        return out, cache
+        return self._split_rows(recorded, grads, T), cache
 
     def can_share_prefix(self, prompt_len: int, label_len: int) -> bool:
         """``prefix`` steps need what packed IG needs (:meth:`can_pack_ig`) and at least one cached position."""
@@ -470,7 +477,6 @@ class Attributor:
         Returns per step t: ``({comp: [x_l]}, {(comp, l): g} or None)`` like the cached dense pass."""
         P, T = prompt_ids.shape[1], labels.shape[0]
         seq = torch.cat([prompt_ids[0], labels[:-1]])[None]          # [1, P+T-1]
-        L = self.layout.num_layers
         if not with_grad:
             # No gradients, no per-step losses to keep apart: causal attention makes position P-1+t of the
             # one teacher-forced sequence exactly what step t computes, so one row records every step.
@@ -482,8 +488,7 @@ class Attributor:
             with torch.no_grad(), self.hooks.settings(record=True, positions=positions):
                 self.model(**kwargs)
                 recorded = {c: list(self.hooks.recorded[c]) for c in COMPONENTS}   # [T, width] per layer
-            return [({c: [recorded[c][l][t:t + 1] for l in range(L)] for c in COMPONENTS}, None)
-                    for t in range(T)]
+            return self._split_rows(recorded, None, T)
         out = []
         per_pass = max(1, batch_size // seq.shape[1])
         for start in range(0, T, per_pass):
@@ -500,13 +505,7 @@ class Attributor:
                     loss = F.cross_entropy(rows, labels[steps], reduction="sum")
                     grads = torch.autograd.grad(loss, self.hooks.all_probes())
                 recorded = {c: list(self.hooks.recorded[c]) for c in COMPONENTS}
-            L = self.layout.num_layers
-            for b in range(B):
-                xs = {c: [recorded[c][l][b:b + 1] for l in range(L)] for c in COMPONENTS}
-                g = None
-                if grads is not None:
-                    g = {(c, l): grads[i * L + l][b:b + 1] for i, c in enumerate(COMPONENTS) for l in range(L)}
-                out.append((xs, g))
+            out.extend(self._split_rows(recorded, grads, B))
         return out
 
     # -- one sample -------------------------------------------------------------------------------
