@@ -120,19 +120,28 @@ def cache_with_room(cache, batch: int, room: int):
     are views of the first positions of its buffer, holding the same numbers as the concatenated ones; the
     attention reads them as it would the concatenation.  Other layer kinds (sliding windows) and legacy
     caches are repeated as :func:`repeated_cache` does."""
-    new = repeated_cache(cache, batch)
+    if getattr(cache, "layers", None) is None:
+        return repeated_cache(cache, batch)
     from transformers.cache_utils import DynamicLayer
-    for layer in getattr(new, "layers", None) or []:
-        if type(layer) is not DynamicLayer or not torch.is_tensor(getattr(layer, "keys", None)):
+
+    new = _layer_copies(cache)
+    for layer in new.layers:
+        if not torch.is_tensor(getattr(layer, "keys", None)):
             continue
-        b, h, n, d = layer.keys.shape
-        keys = layer.keys.new_empty(b, h, n + room, d)
-        values = layer.values.new_empty(b, h, n + room, layer.values.shape[-1])
-        keys[:, :, :n] = layer.keys
-        values[:, :, :n] = layer.values
+        if type(layer) is not DynamicLayer:
+            layer.keys = layer.keys.detach().repeat_interleave(batch, dim=0)
+            layer.values = layer.values.detach().repeat_interleave(batch, dim=0)
+            continue
+        # the batch copies go straight into the room buffer (one copy, not a repeat and then a copy)
+        buffers = []
+        for t in (layer.keys.detach(), layer.values.detach()):
+            room_t = t.new_empty(t.shape[0] * batch, t.shape[1], t.shape[2] + room, t.shape[3])
+            room_t[:, :, :t.shape[2]] = t if t.shape[0] == 1 else t.repeat_interleave(batch, dim=0)
+            buffers.append(room_t)
+        n = layer.keys.shape[2]
         layer.__class__ = _room_layer_class()
-        layer.room_keys, layer.room_values = keys, values
-        layer.keys, layer.values = keys[:, :, :n], values[:, :, :n]
+        layer.room_keys, layer.room_values = buffers
+        layer.keys, layer.values = buffers[0][:, :, :n], buffers[1][:, :, :n]
     return new
 
 
