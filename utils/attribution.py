@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .artifacts import score_key
 from .errors import PipelineError
 from .kv_cache import (SharedPrefix, cache_argument_name, detach_cache_, forward_kwargs, output_cache,
-                       repeated_cache, shared_prefix_pass)
+                       repeated_cache, shared_prefix_pass, sliding_window)
 from .sites import ATTN, COMPONENTS, SiteHooks
 from .units import head_mean
 
@@ -453,14 +453,6 @@ class Attributor:
         act = 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
         return 4 * lay.num_heads / act
 
-    def _sliding_window(self) -> int | None:
-        config = getattr(self.model.config, "text_config", None) or self.model.config
-        window = getattr(config, "sliding_window", None)
-        types = getattr(config, "layer_types", None)
-        if window is None or (types is not None and "sliding_attention" not in types):
-            return None
-        return int(window)
-
     def can_pack_ig(self, prompt_len: int, label_len: int) -> bool:
         """Packed IG needs a model whose attention modules dispatch through transformers'
         AttentionInterface (``_supports_attention_backend``: the shared-cache attention is switched in
@@ -468,7 +460,7 @@ class Attributor:
         window - 1 positions, so a sequence longer than the window keeps the one-step-per-pass path."""
         if not getattr(self.model, "_supports_attention_backend", False):
             return False
-        window = self._sliding_window()
+        window = sliding_window(self.model)
         return window is None or prompt_len + label_len <= window
 
     def _batched_steps(self, prompt_ids, labels, with_grad: bool, batch_size: int):

@@ -145,6 +145,17 @@ def cache_with_room(cache, batch: int, room: int):
     return new
 
 
+def sliding_window(model) -> int | None:
+    """The attention window of the model's sliding-window layers (None: no such layer).  Such a layer's
+    cache keeps only its last window - 1 positions, which the batched and shared-cache paths must respect."""
+    config = getattr(model.config, "text_config", None) or model.config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
 def layer_key_values(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[(keys, values)]`` of every layer of ``cache`` (``[batch, kv_heads, positions, head_dim]`` each)."""
     layers = getattr(cache, "layers", None)

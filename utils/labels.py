@@ -17,7 +17,7 @@ import inspect
 
 import torch
 
-from .kv_cache import cache_argument_name, forward_kwargs, map_cache_, output_cache
+from .kv_cache import cache_argument_name, forward_kwargs, map_cache_, output_cache, sliding_window
 
 LABEL_BATCH_SIZE = 16        # samples decoded together on a CPU (the arithmetic grows with the batch there)
 CUDA_LABEL_BATCH_SIZE = 64   # on a GPU a step costs about the same for 1 or 64 rows: decode many at once
@@ -35,16 +35,6 @@ def label_batch_size(model, requested: int | None = None) -> int:
     return CUDA_LABEL_BATCH_SIZE if param.device.type == "cuda" else LABEL_BATCH_SIZE
 
 
-def _sliding_window(model) -> int | None:
-    """The smallest attention window of the model's sliding-window layers (None: no such layer)."""
-    config = getattr(model.config, "text_config", None) or model.config
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if window is None or (types is not None and "sliding_attention" not in types):
-        return None
-    return int(window)
-
-
 @torch.no_grad()
 def greedy_labels(model, prompts: list[list[int]], budgets: list[int], eos_ids, pad_id: int | None, *,
                   batch_size: int = LABEL_BATCH_SIZE) -> list[list[int]]:
@@ -59,7 +49,7 @@ def greedy_labels(model, prompts: list[list[int]], budgets: list[int], eos_ids, 
     todo = [i for i in range(len(prompts)) if budgets[i] > 0]
     # similar lengths together: less padding, and the batch's budgets end at similar times
     todo.sort(key=lambda i: (len(prompts[i]), budgets[i]))
-    window = _sliding_window(model)
+    window = sliding_window(model)
     for start in range(0, len(todo), batch_size):
         group = todo[start:start + batch_size]
         longest = max(len(prompts[i]) + budgets[i] for i in group)
