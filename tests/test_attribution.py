@@ -184,10 +184,11 @@ def test_auto_on_cuda_runs_the_batched_path(arch_model):
 
 
 def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
-    """--batch_size counts token positions: the prompt step (5 positions per element) packs 12 // 5 = 2
-    elements per pass, a one-token step 12 (one step per pass; packed steps: tests/test_ig_fast.py); the
-    dense row comes on top.  Each prompt-step chunk runs as two passes: its first 4 positions without
-    autograd, then the last position against them."""
+    """--batch_size counts token positions: a prompt-step element (5 positions) costs its last position
+    plus its 4 earlier ones, which run without autograd, at ``_prompt_row_cost`` (more than 12 // 5 = 2
+    elements per pass); a one-token step packs 12 (one step per pass; packed steps:
+    tests/test_ig_fast.py); the dense row comes on top.  Each prompt-step chunk runs as two passes: its
+    first 4 positions without autograd, then the last position against them."""
     _, model = arch_model
     prompt, label = random_sample(6, prompt_len=5, label_len=2)
     shapes = []
@@ -200,12 +201,15 @@ def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
     finally:
         handle.remove()
     elements = 2 * 3 * 3                     # components x layers x steps
+    per_pass = int(12 // att._prompt_row_cost(5))
+    assert 12 // 5 < per_pass < elements
+    chunks = [per_pass] * (elements // per_pass) + ([elements % per_pass] if elements % per_pass else [])
     prefix_passes = [s for s in shapes if s[1] == 4]
     token_passes = [s for s in shapes if s[1] == 1]
-    assert prefix_passes == [(3, 4)] * 9                                        # 9 IG chunks of 2 elements
+    assert prefix_passes == [(n + 1, 4) for n in chunks]                       # + the dense row
     assert [s for s in shapes if s[1] == 5] == [(1, 5)]                          # the dense prompt step
-    assert token_passes[:9] == [(3, 1)] * 9                                     # their last positions
-    assert token_passes[9:] == [(13, 1), (7, 1), (1, 1)]                        # 12 + 6 elements, then dense
+    assert token_passes[:len(chunks)] == [(n + 1, 1) for n in chunks]          # their last positions
+    assert token_passes[len(chunks):] == [(13, 1), (7, 1), (1, 1)]             # 12 + 6 elements, then dense
     assert sum(r - 1 for r, _ in prefix_passes) == elements
 
 

@@ -135,3 +135,29 @@ def test_packing_is_the_default(arch_model):
     _, sizes = passes_of(model, lambda: Attributor(model).score_sample(prompt, label, gradients=False, ig_steps=2,
                                                                        batch_size=10_000))
     assert [tuple(s) for s in sizes if s[1] == 1] == [(3, 1), (1, 1), (2 + 2 * 2 * 3 * 1, 1)]
+
+
+def test_prompt_step_passes_count_its_earlier_positions_as_cheap():
+    """The prompt step's IG elements run their earlier positions without autograd: a budget of B holds
+    B // _prompt_row_cost(P) elements per pass (more than B // P, counting them as whole positions), one
+    no-grad pass over the P-1 earlier positions per chunk, and the scores still equal the naive loop."""
+    from conftest import tiny_llama
+    model = tiny_llama()
+    P, n_steps = 6, 3
+    prompt, label = random_sample(59, prompt_len=P, label_len=2)     # the dense cache pass reads P positions
+    att = Attributor(model)
+    cost = att._prompt_row_cost(P)
+    assert 1 < cost < P
+    assert att._prompt_row_cost(1) == 1
+    elements = att.layout.num_layers * 2 * (n_steps - 1)             # alpha = 1 is the dense gradient
+    for budget in (cost, 2 * P, 10_000):
+        # the no-grad passes over the earlier positions run the decoder alone (no logits)
+        fast, sizes = passes_of(model.base_model, lambda: att.score_sample(prompt, label, gradients=False,
+                                                                           ig_steps=n_steps, batch_size=budget))
+        per_pass = max(1, int(budget // cost))
+        assert per_pass > budget // P
+        earlier = [s for s in sizes if s[1] == P - 1]
+        assert len(earlier) == -(-elements // per_pass), budget
+        slow = reference_scores(model, prompt, label, ig_steps=n_steps, gradients=False)
+        for comp in ("attention", "mlp"):
+            assert_close(fast[f"ig_{comp}"], slow[f"ig_{comp}"], f"budget {budget} ig_{comp}")

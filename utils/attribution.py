@@ -267,7 +267,9 @@ class Attributor:
         device = input_ids.device
         # ordered by layer, so each chunk's rows join the staggered batch in order
         elements = [(c, l, k) for l in range(L) for c in COMPONENTS for k in range(1, last_k + 1)]
-        per_pass = max(1, batch_size // input_ids.shape[1])
+        # an element of the split prompt step computes one position with autograd, the rest without
+        per_pass = max(1, int(batch_size // (self._prompt_row_cost(input_ids.shape[1]) if split
+                                              else input_ids.shape[1])))
         sums = {}
         for start in range(0, len(elements), per_pass):
             chunk = elements[start:start + per_pass]
@@ -453,6 +455,21 @@ class Attributor:
         act = 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
         return 4 * lay.num_heads / act
 
+    def _prompt_row_cost(self, prompt_len: int) -> float:
+        """Budget cost of one IG element of the prompt step (:meth:`_ig_step`, split): its last position,
+        computed with autograd, is one; each of its ``prompt_len - 1`` earlier positions runs without
+        autograd, so it saves no activations: it keeps its keys and values in every layer, holds one
+        layer's activations and attention scores while that layer runs, and is attended to by the last
+        position (:meth:`_cache_weight`).  Counted as whole positions they would cut the prompt step into
+        several times more passes than its memory needs (on a GPU, where a pass costs its launches, the
+        prompt step was most of a short sample's IG passes)."""
+        lay = self.layout
+        act = 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
+        kv = 2 * lay.num_kv_heads * lay.head_dim
+        earlier = prompt_len - 1
+        per_position = (lay.num_layers * kv + act + lay.num_heads * earlier) / (lay.num_layers * act)
+        return 1.0 + earlier * (per_position + self._cache_weight())
+
     def can_pack_ig(self, prompt_len: int, label_len: int) -> bool:
         """Packed IG needs a model whose attention modules dispatch through transformers'
         AttentionInterface (``_supports_attention_backend``: the shared-cache attention is switched in
@@ -513,7 +530,8 @@ class Attributor:
         the shared dense cache, :meth:`_prefix_steps`; not with IG; ``cached`` where the model cannot share
         its cache) or ``auto`` (:func:`resolve_step_mode`).  ``batch_size`` bounds
         the token positions one forward/backward pass computes (memory), for IG and for batched steps; a
-        cached position held by an IG row counts as ``_cache_weight()`` of one.  ``batch_size=None``
+        cached position held by an IG row counts as ``_cache_weight()`` of one, a prompt position an IG
+        element of the prompt step runs without autograd as :meth:`_prompt_row_cost` says.  ``batch_size=None``
         chooses it from free device memory (:meth:`position_budget`).  ``ig_packed`` runs the IG elements of
         several steps per pass (:meth:`_packed_ig_steps`; default, on every device: with the shared-cache
         attention it also beats one step per pass on a CPU, 2.2x with a 400-token prompt); False: one step
