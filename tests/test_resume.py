@@ -34,10 +34,18 @@ def parts_dir(result_dir):
     return found[0] if found else None
 
 
+def foreground_signals():
+    """In the child: SIGINT as a terminal's foreground process has it.  A suite started as a background
+    job of a non-interactive shell (``bash .ci/run &``) inherits SIGINT ignored, Python then installs no
+    KeyboardInterrupt handler, and the step would run to the end instead of stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_interrupt(result_dir, sig, min_parts):
     """Start the IG step, wait until ``min_parts`` samples are saved, then send ``sig``."""
     proc = subprocess.Popen([sys.executable, *IG, "--result_dir", str(result_dir)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=foreground_signals)
     deadline = time.time() + 300
     while time.time() < deadline:
         folder = parts_dir(result_dir)
