@@ -263,10 +263,10 @@ class Attributor:
         dense, so its gradient is the dense one and those elements are not run (:meth:`_alpha_one`)."""
         L = self.layout.num_layers
         split = cache is None and input_ids.shape[1] > 1
-        last_k = n_steps if dense_grads is None else n_steps - 1
         device = input_ids.device
         # ordered by layer, so each chunk's rows join the staggered batch in order
-        elements = [(c, l, k) for l in range(L) for c in COMPONENTS for k in range(1, last_k + 1)]
+        elements = [(c, l, k) for l in range(L) for c in COMPONENTS
+                    for k in self._alphas_run(n_steps, dense_grads)]
         # an element of the split prompt step computes one position with autograd, the rest without
         per_pass = max(1, int(batch_size // (self._prompt_row_cost(input_ids.shape[1]) if split
                                               else input_ids.shape[1])))
@@ -309,6 +309,12 @@ class Attributor:
         return {key: value / n_steps for key, value in self._alpha_one(sums, dense_grads).items()}
 
     @staticmethod
+    def _alphas_run(n_steps: int, dense_grads) -> range:
+        """The k of alpha_k = k / n_steps whose elements run as rows: all, or all but k = n_steps when the
+        dense step's gradients stand in for it (:meth:`_alpha_one`)."""
+        return range(1, n_steps + 1 if dense_grads is None else n_steps)
+
+    @staticmethod
     def _alpha_one(sums: dict, dense_grads) -> dict:
         """Add the alpha_n = 1 term, the dense gradient, to each site's sum over the other alphas (last, as
         the loop over k would)."""
@@ -331,7 +337,7 @@ class Attributor:
         L, T, device = self.layout.num_layers, labels.shape[0], labels.device
         weight = self._cache_weight()
         elements = [(t, c, l, k) for t in range(1, T) for l in range(L) for c in COMPONENTS
-                    for k in range(1, (n_steps if dense_grads is None else n_steps - 1) + 1)]
+                    for k in self._alphas_run(n_steps, dense_grads)]
         chunks, current, cost = [], [], 0.0
         for e in elements:
             row_cost = 1.0 + weight * (prompt_len + e[0] - 1)
@@ -425,6 +431,12 @@ class Attributor:
                                         dense_grads=grads))
         return [(xs, g if gradients else None, ig[t]) for t, (xs, g) in enumerate(dense)]
 
+    def _saved_per_position(self) -> int:
+        """Elements one decoder layer saves for the backward per computed position: about 4 hidden, 3
+        intermediate and 2 attention widths.  The unit of every memory estimate of the position budget."""
+        lay = self.layout
+        return 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
+
     def position_budget(self, requested: int | None = None) -> int:
         """Token positions per IG pass: ``requested`` if given; on CUDA, what 60% of the free memory holds
         (the activations every layer saves per position, and a row's logits); elsewhere :data:`DEFAULT_POSITION_BUDGET`."""
@@ -435,11 +447,9 @@ class Attributor:
         device = next(self.model.parameters()).device
         if device.type != "cuda":
             return DEFAULT_POSITION_BUDGET
-        lay = self.layout
         elt = next(self.model.parameters()).element_size()
-        act = 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        per_position = lay.num_layers * act * elt + 4 * vocab * 4
+        per_position = self.layout.num_layers * self._saved_per_position() * elt + 4 * vocab * 4
         free, _ = torch.cuda.mem_get_info(device)
         # an overestimate already (frozen weights save fewer activations); an out-of-memory pass halves it
         return max(DEFAULT_POSITION_BUDGET, int(0.6 * free / per_position))
@@ -449,11 +459,8 @@ class Attributor:
         a backward pass.  The rows share one cache (:class:`~utils.kv_cache.SharedPrefix`), so a row holds
         no keys or values, only its attention logits over the position: about four per query head at a
         time (scores, masked scores, float32 probabilities kept for the backward, their gradient), against
-        the activations a layer saves per computed position (about 4 hidden, 3 intermediate and 2
-        attention widths)."""
-        lay = self.layout
-        act = 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
-        return 4 * lay.num_heads / act
+        the activations a layer saves per computed position (:meth:`_saved_per_position`)."""
+        return 4 * self.layout.num_heads / self._saved_per_position()
 
     def _prompt_row_cost(self, prompt_len: int) -> float:
         """Budget cost of one IG element of the prompt step (:meth:`_ig_step`, split): its last position,
@@ -464,7 +471,7 @@ class Attributor:
         several times more passes than its memory needs (on a GPU, where a pass costs its launches, the
         prompt step was most of a short sample's IG passes)."""
         lay = self.layout
-        act = 4 * lay.hidden + 3 * lay.intermediate + 2 * lay.num_heads * lay.head_dim
+        act = self._saved_per_position()
         kv = 2 * lay.num_kv_heads * lay.head_dim
         earlier = prompt_len - 1
         per_position = (lay.num_layers * kv + act + lay.num_heads * earlier) / (lay.num_layers * act)
