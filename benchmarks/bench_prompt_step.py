@@ -65,6 +65,9 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="positions per pass (default: automatic)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    for flag in ("num_data", "ig_steps", "rounds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
     device = resolve_device(args.device)
     model, tok = load_model_and_tokenizer(args.model_name, device, resolve_dtype("float32"))
     prompts, budgets = label_inputs(tok, load_samples(args.dataset, args.num_data), resolve_prompt_format("auto", tok))
