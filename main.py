@@ -6,7 +6,7 @@ prompt (one mask per request from the prompt's step), static (one mask calibrate
 N .. N+M-1, N = --num_data, M = --calib_num_data)."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.errors import cli_entry
-from utils.flags import Parser, add_location_flags, add_run_flags, at_least_one
+from utils.flags import Parser, add_location_flags, add_run_flags, at_least, at_least_one
 from utils.masks import COR_GXO_VARIANTS, DEFAULT_RATIOS, METRIC_NAMES, parse_layers
 from utils.run import open_run
 from utils.sources import DEFAULT_CALIB_NUM_DATA, SOURCES
@@ -20,6 +20,7 @@ RATIOS = list(DEFAULT_RATIOS)   # deactivation ratios p
 MASK_LAYERS = None              # None: all layers; "0-23" reproduces the released pipeline on Phi-2
 COR_GXO_VARIANT = "paper"       # paper: the formula of METHOD §4; released: the released code's
 BATCH_SIZE = 0                  # masked generations per forward (0: all metrics x ratios of a sample)
+SAMPLE_BATCH = 0                # samples decoded together (0: 8 on a GPU, 1 on a CPU; 1 when BATCH_SIZE is set)
 NUM_DATA = None                 # None: every labelled sample
 
 
@@ -39,6 +40,9 @@ def build_parser() -> Parser:
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE,
                         help="masked generations per forward pass (0: every metric, source and ratio of a "
                              "sample at once)")
+    parser.add_argument("--sample_batch", type=at_least(0, "--sample_batch"), default=SAMPLE_BATCH,
+                        help="samples decoded together in one batch (0: 8 on a GPU, where passes are "
+                             "launch-bound, 1 on a CPU; a --batch_size above 0 decodes one sample at a time)")
     parser.add_argument("--source", nargs="+", default=SOURCE, help=f"any of {' '.join(SOURCES)}, or all")
     parser.add_argument("--calib_num_data", type=at_least_one("--calib_num_data"), default=CALIB_NUM_DATA,
                         help="static source: calibrate on samples N .. N+M-1 (N = --num_data; default "
@@ -72,7 +76,8 @@ def main(argv=None):
     results = run_sweep(run, names, explicit=explicit, ratios=request["ratios"],
                         mask_layers=parse_layers(args.mask_layers), variant=args.cor_gxo_variant,
                         batch_size=args.batch_size, sources=request["sources"],
-                        calib_num_data=args.calib_num_data, plot_metrics=request["plot_metrics"])
+                        calib_num_data=args.calib_num_data, plot_metrics=request["plot_metrics"],
+                        sample_batch=args.sample_batch)
     if results is None:  # under torchrun, the first process reports
         return
     width = max(10, *(len(k) for k in results["curves"]))

@@ -358,3 +358,17 @@ def test_static_needs_disjoint_calibration_samples(pipeline, llama_copy, capsys)
                            f"--calib_num_data 100), but {llama_copy / 'labels.json'} holds 2; give --num_data N with "
                            "N + 100 <= 2, lower --calib_num_data, or rerun label_generation.py --num_data 102 and the "
                            "score steps")
+
+
+def test_sweep_of_several_samples_at_once_writes_the_same_rows(pipeline, tmp_path, capsys):
+    """--sample_batch 2 (both samples decoded in one padded batch, the GPU default) writes every row the
+    one-sample-at-a-time sweep of the pipeline wrote: outputs, BLEU, KL, perplexity, kept weights."""
+    import shutil
+    copy = tmp_path / "result"
+    shutil.copytree(pipeline.result, copy)
+    code, err = sweep_in_process(capsys, "--result_dir", copy, "--device", "cpu", "--sample_batch", 2)
+    assert code == 0, err
+    want = json.loads((pipeline.res / "per_sample.json").read_text())
+    got = json.loads((copy / "res" / "both" / "per_sample.json").read_text())
+    assert len(got) == len(want) == 2 * len(METRICS) * len(RATIOS)
+    assert got == want

@@ -121,6 +121,37 @@ def test_checkpoint_parts_carry_their_key(tmp_path, capsys):
     assert sorted(p.name for p in ckpt.dir.iterdir()) == ["key.txt"]
 
 
+def test_grouped_samples_skip_saved_ones_and_save_each(tmp_path):
+    """With a group size (the sweep decoding several samples at once), only missing samples are computed,
+    in groups of at most that size and in order, and each is saved on its own: a crash after a group
+    loses nothing of it."""
+    from utils.distributed import map_samples
+    from utils.io import SampleCheckpoint
+
+    final = tmp_path / "rows.pt"
+    values = {i: torch.full((2,), float(i)) for i in range(7)}
+    ckpt = SampleCheckpoint(final, "k")
+    for i in (0, 3):
+        ckpt.save(i, values[i])
+    groups = []
+
+    def compute(indices):
+        groups.append(list(indices))
+        if len(groups) == 2:
+            raise KeyboardInterrupt          # the second group dies
+        return [values[i] for i in indices]
+
+    with pytest.raises(KeyboardInterrupt):
+        map_samples(SampleCheckpoint(final, "k"), 7, compute, group=3)
+    assert groups == [[1, 2, 4], [5, 6]]
+    groups.clear()
+    out = map_samples(SampleCheckpoint(final, "k"), 7, lambda idx: groups.append(list(idx)) or [values[i] for i in idx],
+                      group=3)
+    assert groups == [[5, 6]]                # the first group's samples were saved one by one
+    for i in range(7):
+        torch.testing.assert_close(out[i], values[i], rtol=0, atol=0)
+
+
 def _interrupted_labels(monkeypatch, model_dir, data, result, stop_after):
     """label_generation in this process, stopped (Ctrl-C) after ``stop_after`` samples are saved."""
     import utils.steps

@@ -112,3 +112,75 @@ def test_distinct_variants_against_pairwise_comparison():
     assert first == expected_first == [0, 1, 3, 4, 6]
     for b in range(7):
         assert equal[first[copy_of[b]]][b]
+
+
+# -- several samples in one batch (the sweep on a GPU) ------------------------------------------------------
+
+def naive_masked_greedy(model, layout, ids, keep_b, new_tokens):
+    """One variant, no cache: every step recomputes prompt + tokens so far, step t's mask on the position
+    step t computes (the prompt dense), steps at or past the mask's T dense; EOS never comes here."""
+    hooks = SiteHooks(model, layout)
+    T = keep_b[ATTN].shape[0]
+    out = []
+    try:
+        for t in range(new_tokens):
+            seq = torch.cat([ids, torch.tensor([out], dtype=torch.long).view(1, -1)], dim=1)
+            steps = [min(s, T) for s in range(1, t + 1)]      # the generated positions' steps (T: dense)
+            masks = None
+            if t > 0:
+                masks = {}
+                for c in (ATTN, MLP):
+                    padded = torch.cat([keep_b[c], torch.ones_like(keep_b[c][:1])])   # row T: dense
+                    masks[c] = padded[steps][None]                                   # [1, t, L, units]
+            with torch.no_grad(), hooks.settings(masks=masks):
+                logits = model(input_ids=seq, use_cache=False).logits
+            out.append(int(logits[0, -1].argmax()))
+    finally:
+        hooks.remove()
+    return out
+
+
+def test_several_samples_in_one_batch_decode_as_each_alone(arch_model):
+    """Prompts of different lengths (left-padded in the batch), variant counts, mask lengths and token
+    budgets (one sample decodes past its masks, one decodes a single token), against a no-cache greedy loop."""
+    from utils.generation import masked_generate_many, prompt_state
+    _, model = arch_model
+    layout = locate_units(model)
+    lengths, counts, steps, budgets = (9, 3, 14, 6), (3, 2, 4, 2), (7, 5, 10, 1), (7, 9, 10, 1)
+    prompts = [prompt(40 + s, n) for s, n in enumerate(lengths)]
+    keeps = [random_keep(layout, b, t, seed=50 + s) for s, (b, t) in enumerate(zip(counts, steps))]
+    with SiteHooks(model, layout) as hooks:
+        states = [prompt_state(model, ids) for ids in prompts]
+        many = masked_generate_many(model, hooks, states, keeps, [VOCAB + 5], list(budgets))
+    want = [[naive_masked_greedy(model, layout, ids, {c: keep[c][b] for c in keep}, n) for b in range(k)]
+            for ids, keep, k, n in zip(prompts, keeps, counts, budgets)]
+    assert many == want
+    assert [len(rows) for rows in many] == list(counts)
+    dense = [dense_label(model, ids, n, eos_ids=[VOCAB + 5], pad_id=0) for ids, n in zip(prompts, budgets)]
+    assert any(row != d for rows, d in zip(many, dense) for row in rows), "these masks must change outputs"
+
+
+def test_several_samples_stop_at_their_own_eos(arch_model):
+    """A row stops at EOS without stopping the others; the samples' budgets cut their own rows."""
+    from utils.generation import masked_generate_many, prompt_state
+    _, model = arch_model
+    layout = locate_units(model)
+    prompts = [prompt(60, 5), prompt(61, 8)]
+    free = [dense_label(model, ids, 8, eos_ids=[VOCAB + 5], pad_id=0) for ids in prompts]
+    eos = free[0][3]
+    keeps = [{c: torch.ones(2, 8, layout.num_layers, layout.units(c), dtype=torch.bool) for c in (ATTN, MLP)}
+             for _ in prompts]
+    with SiteHooks(model, layout) as hooks:
+        many = masked_generate_many(model, hooks, [prompt_state(model, ids) for ids in prompts], keeps, [eos], [8, 6])
+    assert many[0] == [strip_at_eos(free[0], [eos])] * 2
+    assert many[1] == [strip_at_eos(free[1][:6], [eos])] * 2
+
+
+def test_several_samples_only_inside_the_sliding_window():
+    """The padded layout must fit a sliding window; the sweep decodes one sample at a time otherwise."""
+    from conftest import tiny_gemma, tiny_llama
+    from utils.generation import can_generate_many
+    gemma = tiny_gemma(sliding_window=16)
+    assert can_generate_many(gemma, [5, 9], [3, 6])          # 9 + 6 < 16
+    assert not can_generate_many(gemma, [5, 12], [3, 4])     # 12 + 4 reaches the window
+    assert can_generate_many(tiny_llama(), [200], [100])     # no window

@@ -68,7 +68,14 @@ def test_teacher_forced_kl_and_nll_match_step_by_step(arch_model, seed):
     with SiteHooks(model, layout) as hooks:
         got = teacher_forced_quality(model, hooks, prompt, label, keep, batch_size=2)   # chunks of 2 variants
         whole = teacher_forced_quality(model, hooks, prompt, label, keep)
+        # the sweep hands over the prompt's cache it decoded from: the same numbers, and the cache untouched
+        from utils.generation import masked_generate, prompt_state
+        state = prompt_state(model, prompt)
+        masked_generate(model, hooks, prompt, keep, eos_ids=[VOCAB + 5], state=state)
+        shared = teacher_forced_quality(model, hooks, prompt, label, keep, prompt_cache=state[1])
     torch.testing.assert_close(got["kl"], whole["kl"], rtol=0, atol=1e-6)
+    for key in ("kl", "nll"):
+        torch.testing.assert_close(shared[key], whole[key], rtol=0, atol=0)
     for b in range(B):
         kl, nll = step_by_step_reference(model, layout, prompt, label, {c: keep[c][b] for c in keep})
         assert got["kl"][b].item() == pytest.approx(sum(kl) / len(kl), rel=1e-5, abs=1e-6)

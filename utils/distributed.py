@@ -90,13 +90,15 @@ def open_checkpoint(final_path, key: str) -> SampleCheckpoint:
     return ckpt or SampleCheckpoint(final_path, key)
 
 
-def map_samples(ckpt: SampleCheckpoint, count: int, compute, skipped=None):
+def map_samples(ckpt: SampleCheckpoint, count: int, compute, skipped=None, group: int | None = None):
     """``compute(i)`` for each sample this process owns that ``ckpt`` lacks, each saved as it finishes.
 
     Returns, in the first process once every process is done, all ``count`` results in order; None in
-    the others.  ``skipped(i)`` is called for samples already finished (progress bars)."""
+    the others.  ``skipped(i)`` is called for samples already finished (progress bars).  With a ``group``
+    size, ``compute`` takes a list of up to ``group`` sample indices and returns their results in order
+    (samples computed together, e.g. decoded in one batch); each is still saved on its own."""
     shard = current_shard()
-    fresh = {}
+    todo = []
     for i in range(count):
         if not shard.owns(i):
             continue
@@ -104,8 +106,18 @@ def map_samples(ckpt: SampleCheckpoint, count: int, compute, skipped=None):
             if skipped is not None:
                 skipped(i)
             continue
-        fresh[i] = compute(i)
-        ckpt.save(i, fresh[i])
+        todo.append(i)
+    fresh = {}
+    if group is None:
+        for i in todo:
+            fresh[i] = compute(i)
+            ckpt.save(i, fresh[i])
+    else:
+        for s in range(0, len(todo), group):
+            part = todo[s:s + group]
+            for i, result in zip(part, compute(part), strict=True):
+                fresh[i] = result
+                ckpt.save(i, result)
     shard.barrier()
     if not shard.is_main:
         return None

@@ -54,15 +54,20 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 # -- checks (argparse ``type`` functions: run on every given value and on string defaults) -----------------
-def at_least_one(flag: str, hint: str = ""):
-    """An int flag that must be >= 1."""
+def at_least(minimum: int, flag: str, hint: str = ""):
+    """An int flag that must be >= ``minimum``."""
     def check(text):
         value = int(text)          # a ValueError becomes argparse's "invalid ... value" line
-        if value < 1:
-            raise PipelineError(f"{flag} must be at least 1 (got {value}){hint}")
+        if value < minimum:
+            raise PipelineError(f"{flag} must be at least {minimum} (got {value}){hint}")
         return value
     check.__name__ = "int"
     return check
+
+
+def at_least_one(flag: str, hint: str = ""):
+    """An int flag that must be >= 1."""
+    return at_least(1, flag, hint)
 
 
 def device_name(text: str) -> str:

@@ -1,10 +1,12 @@
 """Greedy generation: dense labels (``transformers``' own ``generate``) and masked generation, all
-sparsity levels and metrics of one sample decoded together as one batch."""
+sparsity levels and metrics of one sample decoded together as one batch (on a GPU, several samples'
+batches together: :func:`masked_generate_many`)."""
 from __future__ import annotations
 
 import torch
 
-from .kv_cache import cache_argument_name, cache_with_room, forward_kwargs, output_cache
+from .kv_cache import (cache_argument_name, cache_with_room, forward_kwargs, output_cache, sliding_window,
+                       stacked_cache)
 from .sites import ATTN, MLP, SiteHooks
 
 
@@ -29,13 +31,23 @@ def dense_label(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_ids, p
 
 
 @torch.no_grad()
+def prompt_state(model, prompt_ids: torch.Tensor):
+    """Step 0 of every masked variant of a prompt: the dense model's first greedy token (``[1]``) and the
+    prompt's cache (batch 1).  The sweep computes it once per sample for decoding and the KL pass."""
+    device = next(model.parameters()).device
+    out = model(**forward_kwargs(cache_argument_name(model), prompt_ids.to(device)))
+    return out.logits[:, -1].argmax(-1), output_cache(out)
+
+
+@torch.no_grad()
 def masked_generate(model, hooks: SiteHooks, prompt_ids: torch.Tensor, keep: dict, eos_ids,
-                    max_new_tokens: int | None = None) -> list[list[int]]:
+                    max_new_tokens: int | None = None, state=None) -> list[list[int]]:
     """Greedy generation of ``B`` masked variants of one prompt at once.
 
     ``keep[comp]``: bool ``[B, T, L, units]``; step t's mask applies to the unit outputs step t computes.
     Step 0 (the prompt and first token) runs dense, once, and its cache is shared by all variants; steps
-    at or past T run dense.  Each variant stops at EOS (EOS and after removed)."""
+    at or past T run dense.  Each variant stops at EOS (EOS and after removed).  ``state``: the prompt's
+    :func:`prompt_state`, when the caller already has it."""
     device = next(model.parameters()).device
     B, T = keep[ATTN].shape[:2]
     max_new_tokens = T if max_new_tokens is None else max_new_tokens
@@ -43,9 +55,8 @@ def masked_generate(model, hooks: SiteHooks, prompt_ids: torch.Tensor, keep: dic
         return [[] for _ in range(B)]
     cache_name = cache_argument_name(model)
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
-    out = model(**forward_kwargs(cache_name, prompt_ids.to(device)))
-    first = out.logits[:, -1].argmax(-1)                        # step 0: dense, shared by all
-    cache = cache_with_room(output_cache(out), B, max_new_tokens)   # steps write in place, no copy per step
+    first, prompt_cache = state if state is not None else prompt_state(model, prompt_ids)   # step 0: dense
+    cache = cache_with_room(prompt_cache, B, max_new_tokens)   # steps write in place, no copy per step
     tokens = [first.expand(B)]
     done = torch.isin(tokens[0], eos)
     for t in range(1, max_new_tokens):
@@ -62,3 +73,61 @@ def masked_generate(model, hooks: SiteHooks, prompt_ids: torch.Tensor, keep: dic
         done = done | torch.isin(nxt, eos)
     ids = torch.stack(tokens, dim=1).tolist()
     return [strip_at_eos(row, eos_ids) for row in ids]
+
+
+def can_generate_many(model, prompt_lengths, max_new_tokens) -> bool:
+    """Whether :func:`masked_generate_many` can decode these samples together: the padded layout (longest
+    prompt + most new tokens) must stay inside a sliding window, where one exists, so no layer drops a
+    position (the per-sample path handles longer sequences)."""
+    window = sliding_window(model)
+    return window is None or max(prompt_lengths) + max(max_new_tokens) < window
+
+
+@torch.no_grad()
+def masked_generate_many(model, hooks: SiteHooks, states, keeps: list[dict], eos_ids,
+                         max_new_tokens: list[int]) -> list[list[list[int]]]:
+    """:func:`masked_generate` for several samples in one batch: the same greedy tokens, fewer passes.
+
+    ``states``: each sample's :func:`prompt_state`; ``keeps``: each sample's masks (``[B_s, T_s, L, units]``,
+    steps at or past T_s dense); ``max_new_tokens``: each sample's.  The samples' prompt caches are
+    left-padded to the longest and hidden by the attention mask, and every row gets its own sample's
+    positions, so each row computes what it would alone (up to float rounding of the padded attention:
+    near-tied greedy choices can differ; ``tests/test_generation.py`` compares with one sample at a time).
+    Returns, per sample, its variants' tokens (EOS and after removed)."""
+    device = next(model.parameters()).device
+    counts = [k[ATTN].shape[0] for k in keeps]
+    N = max(max_new_tokens)
+    if N == 0:
+        return [[[] for _ in range(b)] for b in counts]
+    cache_name = cache_argument_name(model)
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+    cache, lengths = stacked_cache([c for _, c in states], counts, N)
+    width = max(lengths)
+    sample_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+    pad = width - torch.tensor(lengths, device=device)[sample_of]             # [R] padding positions
+    attention = (torch.arange(width + N, device=device)[None] >= pad[:, None]).long()   # [R, width + N]
+    position = torch.tensor(lengths, device=device)[sample_of]               # the next token's position
+    limit = torch.tensor(max_new_tokens, device=device)[sample_of]
+    tokens = [torch.cat([first.expand(b) for (first, _), b in zip(states, counts)])]
+    done = torch.isin(tokens[0], eos) | (limit <= 1)
+    ones = {comp: torch.ones(keeps[0][comp].shape[2:], dtype=torch.bool, device=device) for comp in (ATTN, MLP)}
+    for t in range(1, N):
+        if bool(done.all()):
+            break
+        masks = {comp: torch.cat([k[comp][:, t].to(device) if t < k[comp].shape[1]
+                                  else ones[comp].expand(b, *ones[comp].shape)
+                                  for k, b in zip(keeps, counts)]) for comp in (ATTN, MLP)}
+        kwargs = forward_kwargs(cache_name, tokens[-1][:, None], cache)
+        kwargs.update(attention_mask=attention[:, :width + t], position_ids=(position + t - 1)[:, None])
+        with hooks.settings(masks=masks):
+            out = model(**kwargs)
+        cache = output_cache(out)
+        nxt = out.logits[:, -1].argmax(-1)
+        tokens.append(nxt)
+        done = done | torch.isin(nxt, eos) | (limit <= t + 1)
+    ids = torch.stack(tokens, dim=1).tolist()
+    rows, start = [], 0
+    for b, n in zip(counts, max_new_tokens):
+        rows.append([strip_at_eos(row[:n], eos_ids) for row in ids[start:start + b]])
+        start += b
+    return rows

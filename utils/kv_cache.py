@@ -145,6 +145,51 @@ def cache_with_room(cache, batch: int, room: int):
     return new
 
 
+def stacked_cache(caches, counts, room: int):
+    """One cache for the rows of several samples: sample s's batch-1 cache repeated ``counts[s]`` times,
+    every sample left-padded with zeros to the longest (``width`` positions), with ``room`` more positions
+    allocated for decoding (as :func:`cache_with_room`).  Returns ``(cache, lengths)``: sample s holds
+    ``lengths[s]`` positions, after ``width - lengths[s]`` of padding the caller's attention mask must hide.
+
+    Each layer must hold every position of its sample (no sliding window cut yet: the caller checks
+    :func:`sliding_window`); a sliding-window layer's running length is set to ``width`` so its next
+    step's mask covers the padded layout."""
+    from transformers.cache_utils import DynamicLayer
+
+    if any(getattr(c, "layers", None) is None for c in caches):
+        raise ValueError("stacked_cache needs layered caches (transformers >= 4.56)")
+    lengths = [max(layer.keys.shape[-2] for layer in c.layers if torch.is_tensor(getattr(layer, "keys", None)))
+               for c in caches]
+    width = max(lengths)
+    pads = [width - n for n in lengths]
+    new = _layer_copies(caches[0])
+    for i, layer in enumerate(new.layers):
+        if not torch.is_tensor(getattr(layer, "keys", None)):
+            continue
+        plain = type(layer) is DynamicLayer
+        buffers = []
+        for kind in ("keys", "values"):
+            parts = [getattr(c.layers[i], kind).detach() for c in caches]
+            if any(t.shape[-2] != n for t, n in zip(parts, lengths)):
+                raise ValueError("stacked_cache: a layer holds fewer positions than its sample (sliding window)")
+            b, h, _, d = parts[0].shape
+            out = parts[0].new_zeros(sum(counts), h, width + (room if plain else 0), d)
+            row = 0
+            for t, k, pad in zip(parts, counts, pads):
+                out[row:row + k, :, pad:width] = t
+                row += k
+            buffers.append(out)
+        if plain:
+            layer.__class__ = _room_layer_class()
+            layer.room_keys, layer.room_values = buffers
+            layer.keys, layer.values = buffers[0][:, :, :width], buffers[1][:, :, :width]
+        else:
+            layer.keys, layer.values = buffers
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = width
+    return new, lengths
+
+
 def sliding_window(model) -> int | None:
     """The attention window of the model's sliding-window layers (None: no such layer).  Such a layer's
     cache keeps only its last window - 1 positions, which the batched and shared-cache paths must respect."""

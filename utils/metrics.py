@@ -26,18 +26,33 @@ def token_agreement(output_ids: list[int], label_ids: list[int]) -> float:
 
 # -- teacher-forced quality (no decoding): KL from the dense next-token distribution, NLL of the label ----
 LOGITS_BUDGET = 2 ** 24   # logits (variants x steps x vocab) one teacher-forced pass may hold: ~64 MB in fp32
+GPU_LOGITS_BUDGET = 2 ** 28   # on a GPU, up to this many where free memory allows: a pass is a launch-bound
+                              # ~30 ms there, and Gemma's 262k vocabulary left 2 variants per pass at 2 ** 24
+
+
+def logits_budget(device) -> int:
+    """Logits one teacher-forced pass may hold on ``device``.  On a GPU, a 32nd of its free memory (the
+    logits, their log-softmax, its exp and the KL's product, in float32, with room to spare), between the
+    CPU's budget and ``GPU_LOGITS_BUDGET``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return LOGITS_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(GPU_LOGITS_BUDGET, max(LOGITS_BUDGET, free // 32)))
 
 
 @torch.no_grad()
 def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, label_ids: list[int], keep: dict,
-                           batch_size: int = 0) -> dict | None:
+                           batch_size: int = 0, prompt_cache=None) -> dict | None:
     """KL(dense || masked) and the masked model's NLL of the label, per variant, averaged over the masked
     steps t = 1..T-1; None when the label has no masked step (T < 2).
 
     ``keep[comp]``: bool ``[B, T, L, units]`` as for masked generation.  One forward over prompt +
     label[:T-1] per variant, the mask of step t applied at position P-1+t (the prompt dense): each
     position's keys and values are computed under its own step's mask, so this is exactly the step-by-step
-    masked model teacher-forced on the label.  Returns ``{"kl": [B], "nll": [B]}`` (float64, CPU)."""
+    masked model teacher-forced on the label.  ``prompt_cache``: the dense prompt's cache (batch 1), when
+    the caller already has it (utils.generation.prompt_state).  Returns ``{"kl": [B], "nll": [B]}``
+    (float64, CPU)."""
     T = len(label_ids)
     if T < 2:
         return None
@@ -49,7 +64,8 @@ def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, la
     # The prompt positions are dense for every variant: run them once and give each variant a copy of
     # their cache, so a variant's pass computes only its T-1 label positions (the prompt is most of the
     # sequence: ~4x less work on TruthfulQA, ~15x on XSum's 400-token prompts).
-    prompt_cache = output_cache(model(**forward_kwargs(cache_name, prompt_ids.to(device))))
+    if prompt_cache is None:
+        prompt_cache = output_cache(model(**forward_kwargs(cache_name, prompt_ids.to(device))))
 
     def log_probs(batch):
         kwargs = forward_kwargs(cache_name, steps.expand(batch, -1), repeated_cache(prompt_cache, batch))
@@ -59,7 +75,7 @@ def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, la
     dense = log_probs(1)
     dense_p = dense.exp()
     B = keep[ATTN].shape[0]
-    per_pass = batch_size if batch_size > 0 else max(1, LOGITS_BUDGET // ((T - 1) * dense.shape[-1]))
+    per_pass = batch_size if batch_size > 0 else max(1, logits_budget(device) // ((T - 1) * dense.shape[-1]))
     kl, nll = [], []
     for s in range(0, B, per_pass):
         part = {c: keep[c][s:s + per_pass, 1:T].to(device) for c in (ATTN, MLP)}   # steps 1..T-1

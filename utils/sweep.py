@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .artifacts import RESULT_FILES
 from .errors import PipelineError
-from .generation import masked_generate
+from .generation import can_generate_many, masked_generate, masked_generate_many, prompt_state
 from .distributed import current_shard, map_samples, open_checkpoint
 from .io import read_json, write_json, write_text
 from .masks import (METRIC_NAMES, apply_layer_selection, check_ratios, files_needed, kept_weight, layer_selection,
@@ -169,10 +169,24 @@ def distinct_variants(keep: dict) -> tuple[list[int], list[int]]:
     return first, copy_of
 
 
+GPU_SAMPLE_BATCH = 8   # samples decoded together on a GPU, where a pass costs its kernel launches: 8 x ~64
+                       # variants is ~500 rows, still launch-bound for these models, and XSum's padded
+                       # caches then take ~11 GB
+
+
+def auto_sample_batch(device) -> int:
+    """Samples the sweep decodes together by default: one on a CPU (arithmetic-bound, so batching saves
+    nothing there and the padded attention would only add work), ``GPU_SAMPLE_BATCH`` on a GPU."""
+    return GPU_SAMPLE_BATCH if torch.device(device).type == "cuda" else 1
+
+
 def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_layers=None,
               variant: str = "paper", batch_size: int = 0, sources=("oracle",), calib_num_data=None,
-              plot_metrics=("bleu",)) -> dict:
-    """Masked generation of every sample for every (metric, source, ratio); returns and writes the results."""
+              plot_metrics=("bleu",), sample_batch: int = 0) -> dict:
+    """Masked generation of every sample for every (metric, source, ratio); returns and writes the results.
+
+    ``batch_size``: masked variants per forward (0: all of a sample's).  ``sample_batch``: samples decoded
+    together (0: :func:`auto_sample_batch`); with a ``batch_size`` given, one sample at a time."""
     request = sweep_request(["all"] if not explicit else metric_names, ratios=ratios, mask_layers=mask_layers,
                             variant=variant, sources=sources, num_data=run.num_data,
                             calib_num_data=calib_num_data, plot_metrics=plot_metrics)
@@ -211,48 +225,79 @@ def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_laye
     ckpt = open_checkpoint(run.paths.res / ".sweep", key)
     R = len(ratios)
     device = next(run.model.parameters()).device
+    group = 1 if batch_size > 0 else sample_batch if sample_batch > 0 else auto_sample_batch(device)
 
-    def sweep_one(i):
+    def prepare(i):
+        """Sample i's distinct masks and dense prompt state (None: nothing to decode)."""
         active = [(m, src) for m, src in variants if i < counts[m]]
         label = labels.label_ids[i]
+        if not (active and label):
+            return None
+        masks = [sample_keep_masks(scores[m], m, i, ratios, selected, layout.head_dim, variant, device,
+                                   source=src, static_rank=static.get(m), out_norm=out_norm)
+                 for m, src in active]
+        keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [V*R, T, L, U]
+        kept, total = kept_weight(keep, weights)
+        prompt = torch.tensor([labels.prompt_ids[i]])
+        # variants with the same masks (every metric at ratio 0, for one) decode and score once
+        first, copy_of = distinct_variants(keep)
+        return {"i": i, "active": active, "label": label, "prompt": prompt, "kept": kept, "total": total,
+                "unique": {c: keep[c][first] for c in COMPONENTS}, "copy_of": copy_of,
+                "state": prompt_state(run.model, prompt)}
+
+    def decode_one(job):
+        step = batch_size if batch_size > 0 else len(job["copy_of"])
+        unique, decoded = job["unique"], []
+        for s in range(0, unique[ATTN].shape[0], step):
+            part = {c: unique[c][s:s + step] for c in COMPONENTS}
+            decoded.extend(masked_generate(run.model, hooks, job["prompt"], part, eos, len(job["label"]),
+                                           state=job["state"]))
+        return decoded
+
+    def decode(jobs):
+        """Each job's distinct variants decoded: several samples in one batch where allowed."""
+        if len(jobs) > 1 and can_generate_many(run.model, [j["prompt"].shape[1] for j in jobs],
+                                               [len(j["label"]) for j in jobs]):
+            return masked_generate_many(run.model, hooks, [j["state"] for j in jobs], [j["unique"] for j in jobs],
+                                        eos, [len(j["label"]) for j in jobs])
+        return [decode_one(j) for j in jobs]
+
+    def rows_of(job, decoded):
+        i, label, copy_of = job["i"], job["label"], job["copy_of"]
+        outputs = [decoded[j] for j in copy_of]
+        quality = teacher_forced_quality(run.model, hooks, job["prompt"], label, job["unique"], batch_size,
+                                         prompt_cache=job["state"][1])
+        if quality is not None:
+            quality = {k: v[copy_of] for k, v in quality.items()}
         sample_rows = []
-        if active and label:
-            masks = [sample_keep_masks(scores[m], m, i, ratios, selected, layout.head_dim, variant, device,
-                                       source=src, static_rank=static.get(m), out_norm=out_norm)
-                     for m, src in active]
-            keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [V*R, T, L, U]
-            kept, total = kept_weight(keep, weights)
-            prompt = torch.tensor([labels.prompt_ids[i]])
-            # variants with the same masks (every metric at ratio 0, for one) decode and score once
-            first, copy_of = distinct_variants(keep)
-            unique = {c: keep[c][first] for c in COMPONENTS}
-            step = batch_size if batch_size > 0 else len(first)
-            decoded = []
-            for s in range(0, len(first), step):
-                part = {c: unique[c][s:s + step] for c in COMPONENTS}
-                decoded.extend(masked_generate(run.model, hooks, prompt, part, eos, len(label)))
-            outputs = [decoded[j] for j in copy_of]
-            quality = teacher_forced_quality(run.model, hooks, prompt, label, unique, batch_size)
-            if quality is not None:
-                quality = {k: v[copy_of] for k, v in quality.items()}
-            for b, ids in enumerate(outputs):
-                text = tok.decode(ids, skip_special_tokens=True)
-                metric, src = active[b // R]
-                sample_rows.append({"sample": i, "metric": metric, "source": src, "ratio": float(ratios[b % R]),
-                                    "bleu": bleu(text, labels.texts[i]),
-                                    "token_agreement": token_agreement(ids, label),
-                                    "kl": None if quality is None else float(quality["kl"][b]),
-                                    "ppl": None if quality is None else math.exp(float(quality["nll"][b])),
-                                    "masked_steps": len(label) - 1,
-                                    "kept_weight": float(kept[b]), "total_weight": float(total[b]),
-                                    "output": text})
-        bar.update(1)
+        for b, ids in enumerate(outputs):
+            text = tok.decode(ids, skip_special_tokens=True)
+            metric, src = job["active"][b // R]
+            sample_rows.append({"sample": i, "metric": metric, "source": src, "ratio": float(ratios[b % R]),
+                                "bleu": bleu(text, labels.texts[i]),
+                                "token_agreement": token_agreement(ids, label),
+                                "kl": None if quality is None else float(quality["kl"][b]),
+                                "ppl": None if quality is None else math.exp(float(quality["nll"][b])),
+                                "masked_steps": len(label) - 1,
+                                "kept_weight": float(job["kept"][b]), "total_weight": float(job["total"][b]),
+                                "output": text})
         return sample_rows
+
+    def sweep_group(indices):
+        jobs = {i: prepare(i) for i in indices}
+        live = [job for job in jobs.values() if job is not None]
+        decoded = dict(zip((j["i"] for j in live), decode(live))) if live else {}
+        out = []
+        for i in indices:
+            out.append(rows_of(jobs[i], decoded[i]) if jobs[i] is not None else [])
+            bar.update(1)
+        return out
 
     bar = tqdm(total=run.num_data, desc="sweep", unit="sample", disable=not current_shard().is_main)
     try:
         with bar:
-            per_sample = map_samples(ckpt, run.num_data, sweep_one, skipped=lambda i: bar.update(1))
+            per_sample = map_samples(ckpt, run.num_data, sweep_group, skipped=lambda i: bar.update(1),
+                                     group=group)
     finally:
         hooks.remove()
     if per_sample is None:  # another process writes the results
