@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up, then run the whole pipeline on the offline default (SmolLM2-135M-Instruct, 20 TruthfulQA
-# questions; IG on 3 of them with 4 steps) on the CPU, ending with result/truthfulqa/res/both/tradeoff.png.
+# Set up, then run the whole pipeline on the offline default (SmolLM2-135M-Instruct, 10 TruthfulQA
+# questions; IG on 2 of them with 4 steps) on the CPU, ending with result/truthfulqa/res/both/tradeoff.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
