@@ -360,10 +360,15 @@ def test_static_needs_disjoint_calibration_samples(pipeline, llama_copy, capsys)
                            "score steps")
 
 
-def test_sweep_of_several_samples_at_once_writes_the_same_rows(pipeline, tmp_path, capsys):
+@pytest.mark.parametrize("budget", [None, 1], ids=["together", "memory-split"])
+def test_sweep_of_several_samples_at_once_writes_the_same_rows(pipeline, tmp_path, capsys, monkeypatch, budget):
     """--sample_batch 2 (both samples decoded in one padded batch, the GPU default) writes every row the
-    one-sample-at-a-time sweep of the pipeline wrote: outputs, BLEU, KL, perplexity, kept weights."""
+    one-sample-at-a-time sweep of the pipeline wrote: outputs, BLEU, KL, perplexity, kept weights; so
+    does a memory budget too small for two samples' caches (each decoded alone)."""
     import shutil
+
+    import utils.sweep
+    monkeypatch.setattr(utils.sweep, "decode_memory_budget", lambda device: budget)
     copy = tmp_path / "result"
     shutil.copytree(pipeline.result, copy)
     code, err = sweep_in_process(capsys, "--result_dir", copy, "--device", "cpu", "--sample_batch", 2)

@@ -184,3 +184,21 @@ def test_several_samples_only_inside_the_sliding_window():
     assert can_generate_many(gemma, [5, 9], [3, 6])          # 9 + 6 < 16
     assert not can_generate_many(gemma, [5, 12], [3, 4])     # 12 + 4 reaches the window
     assert can_generate_many(tiny_llama(), [200], [100])     # no window
+
+
+def test_samples_decoded_together_fit_the_memory_budget():
+    """Groups are consecutive, never exceed the budget (rows x longest sequence x bytes per position)
+    unless a sample alone does, and keep every sample once, in order."""
+    from conftest import tiny_llama
+    from utils.generation import cache_bytes_per_position, decode_groups, prompt_state
+    sizes = [(10, 20, 8), (10, 30, 8), (5, 10, 8), (40, 50, 8), (1, 5, 8)]
+    assert decode_groups(sizes, None) == [[0, 1, 2, 3, 4]]
+    # 20 rows x 30 x 8 = 4800 fits 5000; adding sample 2 makes 25 x 30 x 8 = 6000
+    assert decode_groups(sizes, 5000) == [[0, 1], [2], [3], [4]]
+    # 25 x 30 x 8 = 6000 fits 20000, 65 x 50 x 8 = 26000 does not; then 41 x 50 x 8 = 16400 does
+    assert decode_groups(sizes, 20000) == [[0, 1, 2], [3, 4]]
+    assert decode_groups(sizes, 1) == [[0], [1], [2], [3], [4]]
+    assert decode_groups([], 100) == []
+    model = tiny_llama(layers=3, heads=4, kv_heads=2, hidden=32)      # head_dim 8
+    _, cache = prompt_state(model, prompt(1, 5))
+    assert cache_bytes_per_position(cache) == 3 * 2 * 2 * 8 * 4       # layers x (K, V) x kv heads x dim x fp32

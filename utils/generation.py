@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import (cache_argument_name, cache_with_room, forward_kwargs, output_cache, sliding_window,
-                       stacked_cache)
+from .kv_cache import (cache_argument_name, cache_with_room, forward_kwargs, layer_key_values, output_cache,
+                       sliding_window, stacked_cache)
 from .sites import ATTN, MLP, SiteHooks
 
 
@@ -81,6 +81,38 @@ def can_generate_many(model, prompt_lengths, max_new_tokens) -> bool:
     position (the per-sample path handles longer sequences)."""
     window = sliding_window(model)
     return window is None or max(prompt_lengths) + max(max_new_tokens) < window
+
+
+def cache_bytes_per_position(cache) -> int:
+    """Bytes one row's keys and values take per position, over every layer of ``cache``."""
+    return sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k, _ in layer_key_values(cache))
+
+
+def decode_groups(sizes, budget: int | None) -> list[list[int]]:
+    """Consecutive groups of samples to decode together: ``sizes[s]`` = (rows, longest sequence, bytes per
+    row and position) of sample s; a group's padded cache (all its rows x its longest sequence) stays
+    within ``budget`` bytes (None: no limit).  A sample alone is always a group, whatever its size."""
+    groups, rows, longest = [], 0, 0
+    for s, (n, length, per_position) in enumerate(sizes):
+        if groups and budget is not None and (rows + n) * max(longest, length) * per_position > budget:
+            groups.append([])
+            rows, longest = 0, 0
+        if not groups:
+            groups.append([])
+        groups[-1].append(s)
+        rows, longest = rows + n, max(longest, length)
+    return groups
+
+
+def decode_memory_budget(device) -> int | None:
+    """Bytes the padded caches of samples decoded together may take: a quarter of the GPU's free memory
+    (the rest for the pass's activations and the KL pass); None (no limit) on a CPU, which decodes one
+    sample at a time by default."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 4
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .artifacts import RESULT_FILES
 from .errors import PipelineError
-from .generation import can_generate_many, masked_generate, masked_generate_many, prompt_state
+from .generation import (cache_bytes_per_position, can_generate_many, decode_groups, decode_memory_budget,
+                         masked_generate, masked_generate_many, prompt_state)
 from .distributed import current_shard, map_samples, open_checkpoint
 from .io import read_json, write_json, write_text
 from .masks import (METRIC_NAMES, apply_layer_selection, check_ratios, files_needed, kept_weight, layer_selection,
@@ -255,12 +256,22 @@ def run_sweep(run, metric_names: list[str], *, explicit: bool, ratios, mask_laye
         return decoded
 
     def decode(jobs):
-        """Each job's distinct variants decoded: several samples in one batch where allowed."""
-        if len(jobs) > 1 and can_generate_many(run.model, [j["prompt"].shape[1] for j in jobs],
-                                               [len(j["label"]) for j in jobs]):
-            return masked_generate_many(run.model, hooks, [j["state"] for j in jobs], [j["unique"] for j in jobs],
-                                        eos, [len(j["label"]) for j in jobs])
-        return [decode_one(j) for j in jobs]
+        """Each job's distinct variants decoded: several samples in one batch where allowed, in groups whose
+        padded caches fit the device's memory."""
+        if len(jobs) < 2 or not can_generate_many(run.model, [j["prompt"].shape[1] for j in jobs],
+                                                  [len(j["label"]) for j in jobs]):
+            return [decode_one(j) for j in jobs]
+        sizes = [(j["unique"][ATTN].shape[0], j["prompt"].shape[1] + len(j["label"]),
+                  cache_bytes_per_position(j["state"][1])) for j in jobs]
+        decoded = []
+        for group in decode_groups(sizes, decode_memory_budget(device)):
+            part = [jobs[g] for g in group]
+            if len(part) == 1:
+                decoded.append(decode_one(part[0]))
+                continue
+            decoded.extend(masked_generate_many(run.model, hooks, [j["state"] for j in part],
+                                                [j["unique"] for j in part], eos, [len(j["label"]) for j in part]))
+        return decoded
 
     def rows_of(job, decoded):
         i, label, copy_of = job["i"], job["label"], job["copy_of"]
