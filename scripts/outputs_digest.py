@@ -7,8 +7,9 @@ outputs are bit-identical: run it before and after, then compare.
 
 Every source (oracle, prompt, static), every metric (IG with 2 steps) and every quality measure is swept,
 and the attribution-error step runs too.  Files that name a process or a time (the lock, checkpoints' hosts)
-are not written by a finished run, so nothing is excluded; the PDF figures carry a creation date and are
-compared by their size only.
+are left out (`.lock` names its holder's process); the PDF figures carry a creation date and are compared by
+their size only.  The runs work in a temporary folder with relative paths (`models/phi`, `run_phi`), so the
+settings that labels.json records are the same wherever the script runs.
 """
 from __future__ import annotations
 
@@ -46,22 +47,25 @@ def build_models(root: Path) -> dict:
     return out
 
 
-def run(argv: list[str]) -> None:
+def run(argv: list[str], cwd: Path) -> None:
+    """One step script of this tree, run in ``cwd`` (where the relative model and result paths live)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=cwd, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
 
 
-def pipeline(model: str, result: Path, extra=()) -> None:
-    run(["run_pipeline.py", "--model_name", model, "--dataset", "truthfulqa-offline", "--result_dir", str(result),
-         "--device", "cpu", "--source", "all", "--calib_num_data", str(CALIB), *extra])
-    run(["main.py", "--result_dir", str(result), "--num_data", str(NUM_DATA), "--metric_name", "all",
-         "--source", "all", "--calib_num_data", str(CALIB), "--plot_metric", "bleu", "token_agreement", "kl", "ppl"])
-    run(["attribution_error.py", "--result_dir", str(result), "--steps", "2", "--num_units", "8"])
+def pipeline(model: str, result: str, cwd: Path, extra=()) -> None:
+    run(["run_pipeline.py", "--model_name", model, "--dataset", "truthfulqa-offline", "--result_dir", result,
+         "--device", "cpu", "--source", "all", "--calib_num_data", str(CALIB), *extra], cwd)
+    run(["main.py", "--result_dir", result, "--num_data", str(NUM_DATA), "--metric_name", "all",
+         "--source", "all", "--calib_num_data", str(CALIB), "--plot_metric", "bleu", "token_agreement", "kl", "ppl"],
+        cwd)
+    run(["attribution_error.py", "--result_dir", result, "--steps", "2", "--num_units", "8"], cwd)
 
 
 def digest(folder: Path) -> dict:
     out = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".lock"):
         rel = str(path.relative_to(folder))
         data = path.read_bytes()
         out[rel] = f"size {len(data)}" if path.suffix == ".pdf" else hashlib.sha256(data).hexdigest()
@@ -77,15 +81,13 @@ def main() -> int:
     digests = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for arch, folder in build_models(tmp / "models").items():
-            result = tmp / f"run_{arch}"
-            pipeline(str(folder), result, ["--num_data", str(NUM_DATA), "--n_steps", "2"])
-            digests[arch] = digest(result)
+        for arch in build_models(tmp / "models"):
+            pipeline(f"models/{arch}", f"run_{arch}", tmp, ["--num_data", str(NUM_DATA), "--n_steps", "2"])
+            digests[arch] = digest(tmp / f"run_{arch}")
             print(f"{arch}: {len(digests[arch])} files", file=sys.stderr)
         if args.quickstart:
-            result = tmp / "quickstart"
-            run(["run_pipeline.py", "--offline", "--device", "cpu", "--result_dir", str(result)])
-            digests["quickstart"] = digest(result)
+            run(["run_pipeline.py", "--offline", "--device", "cpu", "--result_dir", "quickstart"], tmp)
+            digests["quickstart"] = digest(tmp / "quickstart")
             print(f"quickstart: {len(digests['quickstart'])} files", file=sys.stderr)
     if args.out:
         Path(args.out).write_text(json.dumps(digests, indent=1, sort_keys=True))
