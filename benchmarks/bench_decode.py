@@ -12,6 +12,16 @@ the peak memory.  Sparse rows run the way the sweep's prompt/static sources do: 
 cache handed over, every later token sparse.  The kept share applies to heads and neurons alike; which
 units are kept is random (fixed seed): the speed does not depend on which ones, only on how many.
 Heads are chosen as whole KV groups and an equal count within each kept group, so no padding is needed.
+
+The memory floor, in the same run: the device's read bandwidth is measured first (one large reduction,
+utils/roofline.py), and every row gets the bytes one decode step must read (the weights it uses, the
+looked-up embedding rows, and the KV cache at its mean length), ``floor_ms`` (those bytes at that
+bandwidth) and ``share_of_floor`` (floor over measured time; 1.0 = at the memory limit).  A row faster
+than its floor or than its bytes allow is flagged, not trusted.  ``--anchors`` adds two reference rows
+per batch: transformers' own ``generate()`` with a static cache, and a chain of plain GEMVs over the
+dense model's linear weights (CUDA-graphed on a GPU): what the library gives, and what reading the
+weights with stock kernels costs.  On a GPU, ``--profile`` (default there) counts the kernels of a
+decode step and breaks their time down by kind (GEMV, attention, norm, copies, other).
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.decode import COMPILE_MODES, GreedyDecoder, fuse_projections  # noqa: E402
 from utils.errors import PipelineError, cli_entry  # noqa: E402
 from utils.io import write_json  # noqa: E402
+from utils.roofline import bytes_per_token, floor_fields, kernel_breakdown, read_bandwidth  # noqa: E402
 from utils.models import OFFLINE_MODEL, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
 from utils.sites import ATTN, MLP, locate_units  # noqa: E402
 from utils.sparse_model import kept_share, sparse_model, weight_bytes  # noqa: E402
@@ -48,6 +59,10 @@ FUSED = "off"
 WARMUP = 1
 REPEATS = 3
 SEED = 0
+ANCHORS = False            # also time transformers' generate() and a plain GEMV chain over the weights
+PROFILE = "auto"           # kernels per decode step and their time by kind (auto: on CUDA)
+PROFILE_STEPS = 16         # decode steps the profiler records per row
+SUSPECT = 1.10             # a speed-up above its bytes-ideal, or a share of the floor above 1, by this factor
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
@@ -143,11 +158,13 @@ def _peak(device, note: str = "") -> tuple:
     return rss_bytes(), "process RSS" + note
 
 
-def make_entry(dense, layout, share, fused, dense_bytes, device) -> dict:
-    """The model of one row: the dense model (share 1.0) or a sparse one built from it, maybe fused."""
+def make_entry(dense, layout, share, fused, dense_bytes, device, read) -> dict:
+    """The model of one row: the dense model (share 1.0) or a sparse one built from it, maybe fused.
+    ``read(model)``: the bytes one decode step of that (unfused) model must read."""
     entry = {"kept": share, "fused": fused, "prefill_model": None, "plan": None, "build_ms": 0.0,
              "weight_bytes": dense_bytes["total"], "kept_heads": 1.0, "kept_neurons": 1.0, "path": "dense"}
     if share == 1.0:
+        entry["read"] = read(dense)
         entry["model"] = fuse_projections(dense) if fused else dense
         return entry
     keep = balanced_keep(layout, share, SEED)
@@ -157,31 +174,37 @@ def make_entry(dense, layout, share, fused, dense_bytes, device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     shares = kept_share(plan)
+    entry["read"] = read(sparse)
     entry.update(path="sparse", prefill_model=dense, plan=plan, build_ms=1e3 * (time.perf_counter() - start),
                  weight_bytes=weight_bytes(sparse)["total"], kept_heads=shares["heads"],
                  kept_neurons=shares["neurons"], model=fuse_projections(sparse) if fused else sparse)
     return entry
 
 
-def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes) -> list:
+def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes, bandwidth: float) -> list:
     """Rows of one batch size and path: every kept share (1.0 = the dense model).  Sequential: one
     model at a time, all its runs (per-row peak memory).  Interleaved: every round runs each model
     once, so drifting load on a shared machine hits all rows alike (peak memory: all models at once)."""
     device = prompt.device
     shares = sorted(set(args.kept) | {1.0}, reverse=True)
     results = {}
+
+    def read(model):
+        return bytes_per_token(model, prompt.shape[0], args.prompt_len, args.new_tokens)
     if not args.interleave:
         for share in shares:
-            entry = make_entry(dense, layout, share, fused, dense_bytes, device)
+            entry = make_entry(dense, layout, share, fused, dense_bytes, device, read)
             _reset_peak(device)
             entry["decoder"] = _new_decoder(entry["model"], prompt, args, compile_mode)
             runs = [_one_run(entry, prompt, args) for _ in range(args.warmup + args.repeats)][args.warmup:]
             results[share] = (entry, _summary(entry, runs, args, *_peak(device)))
+            if args.profile:
+                entry["profile"] = profile_steps(entry, prompt, args)
             entry["decoder"] = entry["model"] = None
             if compile_mode is not None:
                 torch._dynamo.reset()      # drop this model's compiled graphs (and their CUDA graph pools)
     else:
-        entries = [make_entry(dense, layout, share, fused, dense_bytes, device) for share in shares]
+        entries = [make_entry(dense, layout, share, fused, dense_bytes, device, read) for share in shares]
         _reset_peak(device)
         for entry in entries:
             entry["decoder"] = _new_decoder(entry["model"], prompt, args, compile_mode)
@@ -194,6 +217,8 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes)
         peak = _peak(device, " (all rows' models resident)")
         for entry in entries:
             results[entry["kept"]] = (entry, _summary(entry, runs[entry["kept"]], args, *peak))
+            if args.profile:
+                entry["profile"] = profile_steps(entry, prompt, args)
         del entries
         if compile_mode is not None:
             torch._dynamo.reset()
@@ -209,10 +234,47 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes)
                "kept_neurons": entry["kept_neurons"]}
         row["speedup"] = base / row["ms_per_token"]
         row["ideal_speedup"] = dense_bytes["total"] / row["weight_bytes"]
+        row.update(floor_fields(entry["read"]["total"], bandwidth, row["ms_per_token"]),
+                   kv_cache_bytes=entry["read"]["kv_cache"])
+        if "profile" in entry:
+            row["profile"] = entry["profile"]
+        flag(row)
         rows.append(row)
         print(f"  batch {row['batch']} fused={fused} kept {share}: {row['ms_per_token']:.2f} ms/token "
-              f"({row['speedup']:.2f}x, ideal {row['ideal_speedup']:.2f}x)", flush=True)
+              f"({row['speedup']:.2f}x, ideal {row['ideal_speedup']:.2f}x; {100 * row['share_of_floor']:.0f}% "
+              f"of the floor {row['floor_ms']:.2f} ms)", flush=True)
     return rows
+
+
+def flag(row: dict) -> None:
+    """Mark a row whose time cannot be true: faster than reading its bytes allows, or a speed-up beyond
+    its bytes-ideal (e.g. a compiled graph that skipped the work, or a timing swamped by noise)."""
+    reasons = []
+    if row["share_of_floor"] > SUSPECT:
+        reasons.append(f"{row['share_of_floor']:.2f}x faster than the memory floor")
+    if row.get("ideal_speedup") and row["speedup"] > SUSPECT * row["ideal_speedup"]:
+        reasons.append(f"speed-up {row['speedup']:.2f}x above its bytes-ideal {row['ideal_speedup']:.2f}x")
+    if reasons:
+        row["suspect"] = "; ".join(reasons)
+        print(f"  warning: batch {row['batch']} kept {row.get('kept')}: {row['suspect']}: do not trust this row "
+              "(rerun with more --new_tokens/--repeats, or check the path)", file=sys.stderr, flush=True)
+
+
+def profile_steps(entry, prompt, args) -> dict:
+    """Kernels of ``PROFILE_STEPS`` decode steps of a row's decoder (after a prefill), by kind."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = entry["decoder"]
+    steps = min(PROFILE_STEPS, args.new_tokens - 1)
+    decoder.prefill(prompt, entry["prefill_model"], entry["plan"])
+    decoder.decode_steps(1)                 # the first replay after a prefill may still set things up
+    decoder._sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decoder.decode_steps(steps)
+        decoder._sync()
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return kernel_breakdown(kernels, steps)
 
 
 def run(args) -> dict:
@@ -229,18 +291,31 @@ def run(args) -> dict:
         raise PipelineError(f"--kept shares must be in (0, 1]; got {args.kept}")
     if any(b < 1 for b in args.batch):
         raise PipelineError(f"--batch sizes must be at least 1 (got {args.batch})")
+    for name in ("batch", "kept"):
+        values = getattr(args, name)
+        if len(set(values)) != len(values):
+            raise PipelineError(f"--{name} repeats a value ({' '.join(map(str, values))}); give each once")
+    if args.profile == "auto":
+        args.profile = device.type == "cuda"
+    elif args.profile and device.type != "cuda":
+        raise PipelineError("--profile counts GPU kernels; on a CPU leave it out")
     t0 = time.perf_counter()
     dense = build_model(args.model, device, dtype)
     print(f"model {args.model}: built in {time.perf_counter() - t0:.1f} s on {device} ({dtype})", flush=True)
     layout = locate_units(dense)
     vocab = dense.get_input_embeddings().weight.shape[0]
     dense_bytes = weight_bytes(dense)
-    rows = []
+    bw = read_bandwidth(device, dtype)
+    print(f"read bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['nbytes'] / 2**20:.0f} MiB {bw['dtype']} "
+          f"read in {1e3 * bw['seconds']:.2f} ms, best of 5)", flush=True)
+    rows, anchors = [], []
     for batch in args.batch:
         prompt = torch.randint(0, vocab, (batch, args.prompt_len),
                                generator=torch.Generator().manual_seed(SEED)).to(device)
         for fused in fused_opts:
-            rows += measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes)
+            rows += measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes, bw["bytes_per_s"])
+        if args.anchors:
+            anchors += measure_anchors(dense, prompt, args, bw["bytes_per_s"])
     return {"settings": {"model": args.model, "device": str(device),
                          "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                          else platform.processor() or platform.machine()),
@@ -249,25 +324,116 @@ def run(args) -> dict:
                          "interleave": args.interleave,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__},
-            "dense_weight_bytes": dense_bytes, "rows": rows}
+            "read_bandwidth": bw, "dense_weight_bytes": dense_bytes, "rows": rows, "anchors": anchors}
+
+
+def _median_ms(fn, warmup: int, repeats: int, device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _reset_peak(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def gemv_chain(model, batch: int):
+    """A callable that multiplies a fixed input by every linear weight of ``model`` in turn (one GEMV
+    each, biases left out), and the bytes of those weights.  On CUDA the chain is one CUDA graph."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    device, dtype = linears[0].weight.device, linears[0].weight.dtype
+    inputs = {n: torch.randn(batch, n, device=device, dtype=dtype)
+              for n in sorted({lin.in_features for lin in linears})}
+
+    def chain():
+        return [torch.nn.functional.linear(inputs[lin.in_features], lin.weight) for lin in linears]
+
+    nbytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+    if device.type != "cuda":
+        return chain, nbytes
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        chain()                                   # warm cuBLAS up outside the capture
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    return graph.replay, nbytes
+
+
+def measure_anchors(dense, prompt, args, bandwidth: float) -> list:
+    """The two reference rows of one batch: transformers' ``generate()`` with a static cache (ms per
+    token from the difference of a long and a one-token run, so the prefill cancels) and the GEMV chain."""
+    device, batch = prompt.device, prompt.shape[0]
+    read = bytes_per_token(dense, batch, args.prompt_len, args.new_tokens)
+    n = args.new_tokens
+
+    def gen(tokens):
+        return lambda: dense.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                      cache_implementation="static", pad_token_id=0)
+
+    long_ms = _median_ms(gen(n), args.warmup + 1, args.repeats, device)
+    short_ms = _median_ms(gen(1), args.warmup + 1, args.repeats, device)
+    out = [{"batch": batch, "path": "transformers generate(), static cache",
+            "ms_per_token": (long_ms - short_ms) / (n - 1), **floor_fields(read["total"], bandwidth, 1.0)}]
+    chain, nbytes = gemv_chain(dense, batch)
+    steps = 20
+    ms = _median_ms(lambda: [chain() for _ in range(steps)], args.warmup + 1, args.repeats, device) / steps
+    out.append({"batch": batch, "path": "GEMV chain over the linear weights" + (" (CUDA graph)" if device.type ==
+                                                                                  "cuda" else ""),
+                "ms_per_token": ms, **floor_fields(nbytes, bandwidth, 1.0)})
+    for row in out:
+        row["share_of_floor"] = row["floor_ms"] / row["ms_per_token"]
+        print(f"  anchor batch {batch}: {row['path']}: {row['ms_per_token']:.2f} ms/token "
+              f"({100 * row['share_of_floor']:.0f}% of the floor {row['floor_ms']:.2f} ms)", flush=True)
+    if device.type == "cuda":
+        torch._dynamo.reset()                    # generate() may have compiled the model's forward
+    return out
 
 
 def markdown(result: dict) -> str:
-    s = result["settings"]
+    s, bw = result["settings"], result["read_bandwidth"]
     lines = [f"{s['model']} on {s['device']} ({s['device_name']}), {s['dtype']}, prompt {s['prompt_len']}, "
-             f"{s['new_tokens']} new tokens, median of {s['repeats']}",
+             f"{s['new_tokens']} new tokens, median of {s['repeats']}; read bandwidth "
+             f"{bw['bytes_per_s'] / 1e9:.1f} GB/s",
              "",
              "| batch | fused | compile | kept | heads / neurons kept | path | ms/token | speed-up | ideal (bytes) | "
-             "weights MB | peak MB | build ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "floor ms | share of floor | weights MB | peak MB | build ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
+        mark = " (suspect)" if r.get("suspect") else ""
         lines.append(f"| {r['batch']} | {'yes' if r['fused'] else 'no'} | {r['compile']} | {r['kept']:.1f} | "
-                     f"{r['kept_heads']:.2f} / {r['kept_neurons']:.2f} | {r['path']} | {r['ms_per_token']:.2f} | "
-                     f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                     f"{r['kept_heads']:.2f} / {r['kept_neurons']:.2f} | {r['path']} | {r['ms_per_token']:.2f}{mark} | "
+                     f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['floor_ms']:.2f} | "
+                     f"{100 * r['share_of_floor']:.0f}% | "
                      f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['build_ms']:.0f} |")
     lines.append("")
     lines.append(f"peak MB: {result['rows'][0]['peak_mem_kind']}; build ms: the sparse model's gather "
-                 "(index_select of the kept slices), paid once per request for a per-prompt mask")
+                 "(index_select of the kept slices), paid once per request for a per-prompt mask; floor: the "
+                 "bytes a step must read (weights, embedding rows, KV cache at its mean length) at the "
+                 "measured read bandwidth")
+    if result.get("anchors"):
+        lines += ["", "| batch | anchor | ms/token | floor ms | share of floor |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {a['batch']} | {a['path']} | {a['ms_per_token']:.2f} | {a['floor_ms']:.2f} | "
+                  f"{100 * a['share_of_floor']:.0f}% |" for a in result["anchors"]]
+    profiled = [r for r in result["rows"] if "profile" in r]
+    if profiled:
+        kinds = sorted({k for r in profiled for k in r["profile"]["by_kind"]})
+        lines += ["", "kernels per decode step, and µs per step by kind (profiler, device time):", "",
+                  "| batch | fused | kept | kernels | µs | " + " | ".join(kinds) + " |",
+                  "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in kinds) + " |"]
+        for r in profiled:
+            by = r["profile"]["by_kind"]
+            cells = [f"{by[k]['kernels_per_step']:.0f} / {by[k]['us_per_step']:.0f}" if k in by else "-"
+                     for k in kinds]
+            lines.append(f"| {r['batch']} | {'yes' if r['fused'] else 'no'} | {r['kept']:.1f} | "
+                         f"{r['profile']['kernels_per_step']:.0f} | {r['profile']['us_per_step']:.0f} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -288,10 +454,15 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--interleave", action="store_true",
                    help="run the rows round-robin (one run of each per round): fairer on a shared, noisy machine")
+    p.add_argument("--anchors", action="store_true", default=ANCHORS,
+                   help="also time transformers' generate() (static cache) and a GEMV chain over the weights")
+    p.add_argument("--profile", nargs="?", const="on", default=PROFILE, choices=("auto", "on", "off"),
+                   help="kernels per decode step by kind, from the profiler (auto: on CUDA only)")
     p.add_argument("--json", default=None, help="write the rows and settings here")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or args.warmup < 0:
         raise PipelineError("need --new_tokens >= 2, --prompt_len >= 1, --repeats >= 1, --warmup >= 0")
+    args.profile = {"on": True, "off": False}.get(args.profile, args.profile)
     return args
 
 

@@ -129,6 +129,7 @@ class GreedyDecoder:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.next_pos = 0
         if mode is not None:
             # dynamo keeps compiled versions per code object, and every decoder (dense, each sparse
             # model, each batch) shares _step's: allow enough before it silently falls back to eager
@@ -187,6 +188,7 @@ class GreedyDecoder:
                 target.update(layer.keys, layer.values, {"cache_position": positions})
         self.pos.fill_(P)
         self.cache_pos.fill_(P)
+        self.next_pos = P         # on the host too: checking a bound must not wait for the device
         first = out.logits[:, -1:].argmax(-1)
         self.tok.copy_(first)
         return first
@@ -202,10 +204,25 @@ class GreedyDecoder:
                                 f"length {self.max_len}")
         self._sync()
         start = time.perf_counter()
-        tokens = [self.prefill(prompt_ids, prefill_model, plan)]
+        first = self.prefill(prompt_ids, prefill_model, plan)
         self._sync()
         mid = time.perf_counter()
-        for _ in range(new_tokens - 1):
+        rest = self.decode_steps(new_tokens - 1)
+        self._sync()
+        if timings is not None:
+            timings["prefill_s"] = mid - start
+            timings["decode_s"] = time.perf_counter() - mid
+        return torch.cat([first, rest], dim=1)
+
+    @torch.no_grad()
+    def decode_steps(self, steps: int) -> torch.Tensor:
+        """``steps`` greedy tokens ``[B, steps]`` after the last :meth:`prefill` or decode step (the
+        token, position and cache carry on from there)."""
+        if self.next_pos + steps > self.max_len:
+            raise PipelineError(f"{steps} more tokens after position {self.next_pos} exceed the cache length "
+                                f"{self.max_len}")
+        tokens = []
+        for _ in range(steps):
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             nxt = self.step().clone()       # the graph's output buffer is overwritten by the next replay
@@ -213,11 +230,8 @@ class GreedyDecoder:
             self.tok.copy_(nxt)
             self.pos.add_(1)
             self.cache_pos.add_(1)
-        self._sync()
-        if timings is not None:
-            timings["prefill_s"] = mid - start
-            timings["decode_s"] = time.perf_counter() - mid
-        return torch.cat(tokens, dim=1)
+            self.next_pos += 1
+        return torch.cat(tokens, dim=1) if tokens else self.tok.new_zeros(self.batch, 0)
 
     def _sync(self):
         if self.device.type == "cuda":
