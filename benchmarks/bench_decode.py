@@ -307,7 +307,7 @@ def run(args) -> dict:
     dense_bytes = weight_bytes(dense)
     bw = read_bandwidth(device, dtype)
     print(f"read bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['nbytes'] / 2**20:.0f} MiB {bw['dtype']} "
-          f"read in {1e3 * bw['seconds']:.2f} ms, best of 5)", flush=True)
+          f"read in {1e3 * bw['seconds']:.2f} ms by {bw['kernel']}, best of 5)", flush=True)
     rows, anchors = [], []
     for batch in args.batch:
         prompt = torch.randint(0, vocab, (batch, args.prompt_len),

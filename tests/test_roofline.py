@@ -58,6 +58,9 @@ def test_floor_fields_and_bandwidth():
     assert floor_fields(3_000_000, 1e9, 6.0) == {"read_bytes": 3_000_000, "floor_ms": 3.0, "share_of_floor": 0.5}
     bw = read_bandwidth("cpu", torch.float32, nbytes=2 ** 22, repeats=2)
     assert bw["nbytes"] == 2 ** 22 and bw["bytes_per_s"] == pytest.approx(bw["nbytes"] / bw["seconds"])
+    assert bw["kernel"] in ("sum", "amax")
+    half = read_bandwidth("cpu", torch.bfloat16, nbytes=2 ** 22, repeats=1)
+    assert half["nbytes"] == 2 ** 22 and half["kernel"] in ("sum", "amax", "sum_as_float32")
     assert bw["bytes_per_s"] > 1e8          # any machine reads 4 MiB faster than 100 MB/s
     with pytest.raises(PipelineError, match="repeats >= 1"):
         read_bandwidth("cpu", repeats=0)

@@ -26,27 +26,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reads(x: torch.Tensor) -> dict:
+    """Reductions that read every byte of ``x`` once.  Their speeds differ by kernel (a wider element type
+    means fewer, larger loads), so the fastest stands for the device."""
+    out = {"sum": lambda: x.sum(dtype=torch.float32), "amax": lambda: x.amax()}
+    if x.numel() % 2 == 0 and x.element_size() == 2:
+        wide = x.view(torch.float32)                      # the same bytes as float32 words
+        out["sum_as_float32"] = lambda: wide.sum()
+    return out
+
+
 def read_bandwidth(device, dtype: torch.dtype = torch.float32, nbytes: int | None = None, repeats: int = 5) -> dict:
-    """Bytes per second of one large read on ``device``: ``x.sum()`` over a tensor of ``nbytes`` (default
-    1 GiB on a GPU, 256 MiB on a CPU) in ``dtype``, the fastest of ``repeats`` timed runs after one warm-up.
-    Returns ``{"bytes_per_s", "nbytes", "seconds", "dtype"}``."""
+    """Bytes per second of one large read on ``device``: reductions over a tensor of ``nbytes`` (default 1 GiB
+    on a GPU, 256 MiB on a CPU) in ``dtype``, the fastest of ``repeats`` timed runs of each after a warm-up,
+    the fastest reduction kept.  Returns ``{"bytes_per_s", "nbytes", "seconds", "dtype", "kernel"}``."""
     device = torch.device(device)
     nbytes = nbytes or (GPU_READ_BYTES if device.type == "cuda" else CPU_READ_BYTES)
     if repeats < 1:
         raise PipelineError(f"read_bandwidth needs repeats >= 1, not {repeats}")
     elem = torch.empty((), dtype=dtype).element_size()
-    x = torch.ones(max(1, nbytes // elem), dtype=dtype, device=device)
-    best = float("inf")
-    for i in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        x.sum(dtype=torch.float32)
-        _sync(device)
-        if i:                                  # the first run warms up (allocator, kernel selection)
-            best = min(best, time.perf_counter() - start)
+    x = torch.ones(max(2, nbytes // elem // 2 * 2), dtype=dtype, device=device)
+    best, kernel = float("inf"), None
+    for name, read in _reads(x).items():
+        for i in range(repeats + 1):
+            _sync(device)
+            start = time.perf_counter()
+            read()
+            _sync(device)
+            took = time.perf_counter() - start
+            if i and took < best:                  # the first run warms up (allocator, kernel selection)
+                best, kernel = took, name
     size = x.numel() * elem
     del x
-    return {"bytes_per_s": size / best, "nbytes": size, "seconds": best, "dtype": str(dtype).replace("torch.", "")}
+    return {"bytes_per_s": size / best, "nbytes": size, "seconds": best, "dtype": str(dtype).replace("torch.", ""),
+            "kernel": kernel}
 
 
 def _unique(params):
