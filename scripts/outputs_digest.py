@@ -8,7 +8,7 @@ outputs are bit-identical: run it before and after, then compare.
 Every source (oracle, prompt, static), every metric (IG with 2 steps) and every quality measure is swept,
 and the attribution-error step runs too.  Files that name a process or a time (the lock, checkpoints' hosts)
 are left out (`.lock` names its holder's process); the PDF figures carry a creation date and are compared by
-their size only.  The runs work in a temporary folder with relative paths (`models/phi`, `run_phi`), so the
+their size only, and the sweep's JSON files without the score files' modification times they record.  The runs work in a temporary folder with relative paths (`models/phi`, `run_phi`), so the
 settings that labels.json records are the same wherever the script runs.
 """
 from __future__ import annotations
@@ -63,11 +63,23 @@ def pipeline(model: str, result: str, cwd: Path, extra=()) -> None:
     run(["attribution_error.py", "--result_dir", result, "--steps", "2", "--num_units", "8"], cwd)
 
 
+def _without_mtimes(value):
+    """A JSON value without its ``mtime_ns`` fields: the sweep records when each score file it read was
+    written, which differs on every run."""
+    if isinstance(value, dict):
+        return {k: _without_mtimes(v) for k, v in value.items() if k != "mtime_ns"}
+    if isinstance(value, list):
+        return [_without_mtimes(v) for v in value]
+    return value
+
+
 def digest(folder: Path) -> dict:
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".lock"):
         rel = str(path.relative_to(folder))
         data = path.read_bytes()
+        if path.suffix == ".json" and b"mtime_ns" in data:
+            data = json.dumps(_without_mtimes(json.loads(data)), sort_keys=True).encode()
         out[rel] = f"size {len(data)}" if path.suffix == ".pdf" else hashlib.sha256(data).hexdigest()
     return out
 
