@@ -8,7 +8,8 @@ from utils.errors import PipelineError
 from utils.generation import masked_generate
 from utils.kv_cache import cache_argument_name, forward_kwargs, output_cache
 from utils.sites import ATTN, MLP, SiteHooks, locate_units
-from utils.sparse_model import decoder_layers, sparse_cache, sparse_model, weight_bytes
+from utils.architecture import decoder_layers
+from utils.sparse_model import sparse_cache, sparse_model, weight_bytes
 
 NO_EOS = [VOCAB + 5]   # an EOS id that never comes
 
