@@ -36,6 +36,8 @@ class Family:
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 
+# Order matters: a role's names are tried in table order (the first the module has wins) and an error lists
+# them in that order.
 FAMILIES = (
     Family("llama", "Llama, Mistral, Qwen2/3, Gemma 1-3", attention="self_attn", attn_out="o_proj",
            mlp="mlp", mlp_down="down_proj", gate="gate_proj", qkv=_QKV, mlp_in=("gate_proj", "up_proj")),
@@ -50,9 +52,9 @@ FAMILIES = (
            mlp="feed_forward", mlp_down="down_proj", gate="gate_proj", qkv=_QKV, mlp_in=("gate_proj", "up_proj")),
 )
 
-# Further names each role accepts after the families' (GPT-J and CodeGen use attn.out_proj and mlp.fc_out;
-# the others come from reference implementations outside transformers): locate_units has always accepted
-# them, so they stay, though no tested family uses them.
+# Further names each role accepts after the families' names, none of them used by a tested family: GPT-J and
+# CodeGen call their projections attn.out_proj and mlp.fc_out; the rest are names other layouts give these
+# roles.  locate_units has always accepted them, so they stay.
 _OTHER_NAMES = {"attention": ("attention", "self_attention"), "attn_out": ("out_proj",), "mlp": (),
                 "mlp_down": ("w2", "fc_out"), "gate": ("w1",)}
 
@@ -103,6 +105,7 @@ class Shape:
 
 
 def model_shape(model: nn.Module) -> Shape:
+    """The decoder's sizes; a config that lacks the layer, head or hidden count is a one-line error."""
     config = text_config(model)
     layers = _num_layers(config)
     heads = _config_value(config, "num_attention_heads", "n_head")
@@ -217,6 +220,7 @@ def set_head_counts(attention: nn.Module, heads: int, kv_heads: int) -> None:
 
 
 def set_intermediate_size(mlp: nn.Module, size: int) -> None:
+    """Keep the MLP's own record of its width (where it has one) equal to its sliced projections."""
     if isinstance(getattr(mlp, "intermediate_size", None), int):
         mlp.intermediate_size = size
 
