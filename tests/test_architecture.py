@@ -85,9 +85,11 @@ def test_missing_down_projection_is_the_same_one_line_error():
     del model.model.layers[0].mlp.down_proj
     with pytest.raises(PipelineError) as err:
         locate_units(model)
-    assert str(err.value) == ("unsupported architecture: no MLP down projection in decoder layer 0 "
-                              "(LlamaDecoderLayer).mlp (looked for down_proj, fc2, c_proj, w2, fc_out; "
-                              "it has gate_proj, up_proj, act_fn)")
+    message = str(err.value)
+    # a new family may add its own name to the list, after the ones searched today
+    assert re.fullmatch(r"unsupported architecture: no MLP down projection in decoder layer 0 \(LlamaDecoderLayer\)"
+                        r"\.mlp \(looked for down_proj, fc2, c_proj, (.*, )?w2, fc_out; it has gate_proj, up_proj, "
+                        r"act_fn\)", message), message
 
 
 def test_missing_attention_block_is_the_same_one_line_error():
@@ -96,9 +98,10 @@ def test_missing_attention_block_is_the_same_one_line_error():
     del model.model.layers[1].self_attn
     with pytest.raises(PipelineError) as err:
         locate_units(model)
-    assert str(err.value) == ("unsupported architecture: no attention module in decoder layer 1 (PhiDecoderLayer) "
-                              "(looked for self_attn, attn, attention, self_attention; it has mlp, "
-                              "input_layernorm, resid_dropout, attention_block)")
+    message = str(err.value)
+    assert re.fullmatch(r"unsupported architecture: no attention module in decoder layer 1 \(PhiDecoderLayer\) "
+                        r"\(looked for self_attn, attn, (.*, )?attention, self_attention; it has mlp, "
+                        r"input_layernorm, resid_dropout, attention_block\)", message), message
 
 
 def test_config_without_sizes_is_a_one_line_error():
