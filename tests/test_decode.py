@@ -105,3 +105,11 @@ def test_decoder_errors_are_one_line(arch_model):
         GreedyDecoder(model, batch=1, max_len=16).generate(random_ids(0, batch=1, length=10), 8)
     with pytest.raises(PipelineError, match="built for batch"):
         GreedyDecoder(model, batch=1, max_len=16).generate(random_ids(0, batch=2, length=4), 4)
+
+
+def test_fusing_already_fused_projections_is_a_one_line_error():
+    from conftest import tiny_gpt2
+
+    with pytest.raises(PipelineError, match=r"^fuse_projections needs q_proj/k_proj/v_proj Linear modules in "
+                                            r"GPT2Block\.attn; run without --fused$"):
+        fuse_projections(tiny_gpt2())

@@ -4,11 +4,12 @@ import torch
 from torch import nn
 
 from conftest import VOCAB
+from utils.architecture import decoder_layers
 from utils.errors import PipelineError
 from utils.generation import masked_generate
 from utils.kv_cache import cache_argument_name, forward_kwargs, output_cache
 from utils.sites import ATTN, MLP, SiteHooks, locate_units
-from utils.sparse_model import decoder_layers, sparse_cache, sparse_model, weight_bytes
+from utils.sparse_model import sparse_cache, sparse_model, weight_bytes
 
 NO_EOS = [VOCAB + 5]   # an EOS id that never comes
 
@@ -245,3 +246,16 @@ def test_static_cache_handover_equals_masked_generate(arch_model):
     assert torch.stack(tokens, 1)[0].tolist() == want, arch
     for dense_layer, layer, lp in zip(cache.layers, handed.layers, plan.layers):
         assert layer.keys.shape[1] == len(lp.kv_heads) and dense_layer.keys.shape[1] == layout.num_kv_heads
+
+
+def test_fused_projections_are_a_one_line_error():
+    """GPT-2 (one c_attn for q/k/v, Conv1D weights) is located and hooked but cannot be sliced."""
+    from conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    layout = locate_units(model)
+    keep = {ATTN: torch.ones(layout.num_layers, layout.num_heads, dtype=torch.bool),
+            MLP: torch.ones(layout.num_layers, layout.intermediate, dtype=torch.bool)}
+    with pytest.raises(PipelineError, match=r"^sparse_model needs separate q_proj/k_proj/v_proj Linear modules; "
+                                            r"decoder layer 0 \(GPT2Block\) \(GPT2Attention\) has none$"):
+        sparse_model(model, keep)

@@ -21,9 +21,11 @@ import time
 import torch
 from torch import nn
 
+from .architecture import (FUSED_GATE_UP, FUSED_QKV, decoder_layers, gate_up_names, layer_modules, qkv_names,
+                           spell_qkv)
 from .errors import PipelineError
 from .kv_cache import cache_argument_name
-from .sparse_model import SparsePlan, decoder_layers, make_linear, shallow_clone, sparse_cache
+from .sparse_model import SparsePlan, make_linear, shallow_clone, sparse_cache
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -79,20 +81,20 @@ def _fuse(parent: nn.Module, names, fused_name: str) -> None:
 
 def fuse_projections(model: nn.Module) -> nn.Module:
     """A new model (sharing every unchanged module) with q/k/v as one matrix per layer and, for gated
-    MLPs, gate/up as one.  Phi's plain MLP (fc1 -> act -> fc2) has nothing to fuse.  The concatenated
+    MLPs, gate/up as one.  A plain MLP (Phi's fc1 -> act -> fc2) has nothing to fuse.  The concatenated
     weights are new tensors: drop the unfused model to keep one copy."""
     fused = shallow_clone(model)
     with torch.no_grad():
-        for layer in decoder_layers(fused):
-            attn = getattr(layer, "self_attn", None)
-            if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear)
-                                       for n in ("q_proj", "k_proj", "v_proj")):
-                raise PipelineError(f"fuse_projections needs q_proj/k_proj/v_proj Linear modules in "
-                                    f"{type(layer).__name__}.self_attn; run without --fused")
-            _fuse(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
-            mlp = getattr(layer, "mlp", None)
-            if mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj")):
-                _fuse(mlp, ("gate_proj", "up_proj"), "gate_up_proj")
+        for index, layer in enumerate(decoder_layers(fused)):
+            found = layer_modules(layer, index)
+            qkv = qkv_names(found.attention)
+            if qkv is None:
+                raise PipelineError(f"fuse_projections needs {spell_qkv()} Linear modules in "
+                                    f"{type(layer).__name__}.{found.attention_name}; run without --fused")
+            _fuse(found.attention, qkv, FUSED_QKV)
+            gate_up = gate_up_names(found.mlp)
+            if gate_up is not None:
+                _fuse(found.mlp, gate_up, FUSED_GATE_UP)
     return fused
 
 

@@ -24,6 +24,8 @@ import inspect
 
 import torch
 
+from .architecture import sliding_window  # noqa: F401  (callers import it from here: the caches' constraint)
+
 
 def cache_argument_name(model) -> str:
     """``transformers`` renamed ``past_key_values`` to ``cache`` in 5.2x; use what this version takes."""
@@ -191,17 +193,6 @@ def stacked_cache(caches, counts, room: int):
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = width
     return new, lengths
-
-
-def sliding_window(model) -> int | None:
-    """The attention window of the model's sliding-window layers (None: no such layer).  Such a layer's
-    cache keeps only its last window - 1 positions, which the batched and shared-cache paths must respect."""
-    config = getattr(model.config, "text_config", None) or model.config
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if window is None or (types is not None and "sliding_attention" not in types):
-        return None
-    return int(window)
 
 
 def layer_key_values(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .architecture import weight_out_in
 from .errors import PipelineError
 from .sites import ATTN, MLP, ModelLayout
 from .units import head_sum
@@ -56,9 +57,8 @@ def output_weight_norms(layout: ModelLayout) -> dict:
     for comp, modules in ((ATTN, layout.attn_out), (MLP, layout.mlp_down)):
         rows = []
         for module in modules:
-            w = module.weight.detach().float()
-            # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]: square the input's entries
-            per_input = (w ** 2).sum(dim=1) if type(module).__name__ == "Conv1D" else (w ** 2).sum(dim=0)
+            w = weight_out_in(module).detach().float()    # [out, in] whatever the module stores
+            per_input = (w ** 2).sum(dim=0)
             if comp == ATTN:
                 per_input = per_input.view(layout.num_heads, layout.head_dim).sum(-1)
             rows.append(per_input.sqrt())

@@ -1,6 +1,6 @@
 """Where the units live: the input of each layer's attention output projection (heads) and of its MLP
-down projection (neurons), found on the stock ``transformers`` modules and reached with forward
-pre-hooks.  One :class:`SiteHooks` object can, per forward pass, mask units, scale whole components
+down projection (neurons), found on the stock ``transformers`` modules (``utils/architecture.py`` knows
+their names) and reached with forward pre-hooks.  One :class:`SiteHooks` object can, per forward pass, mask units, scale whole components
 (integrated gradients), record the dense unit outputs at the last position, and add zero "probes" there
 whose gradients are dLoss/d(unit output)."""
 from __future__ import annotations
@@ -11,43 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .architecture import decoder_layers, input_width, layer_modules, model_shape
 from .errors import PipelineError
 
 ATTN = "attention"
 MLP = "mlp"
 COMPONENTS = (ATTN, MLP)
-
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_ATTN_OUT_NAMES = ("o_proj", "dense", "c_proj", "out_proj")
-_MLP_NAMES = ("mlp", "feed_forward")
-_MLP_DOWN_NAMES = ("down_proj", "fc2", "c_proj", "w2", "fc_out")
-_GATE_NAMES = ("gate_proj", "gate_up_proj", "w1")
-
-
-def _config_get(config, *names, default=None):
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def _first_child(module: nn.Module, names, what: str, where: str) -> tuple[str, nn.Module]:
-    for name in names:
-        child = getattr(module, name, None)
-        if isinstance(child, nn.Module):
-            return name, child
-    raise PipelineError(f"unsupported architecture: no {what} in {where} (looked for {', '.join(names)}; "
-                        f"it has {', '.join(n for n, _ in module.named_children())})")
-
-
-def _in_features(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    weight = getattr(module, "weight", None)
-    if weight is not None and weight.dim() == 2:  # GPT-2's Conv1D stores [in, out]
-        return weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1]
-    raise PipelineError(f"unsupported architecture: cannot read the input width of {type(module).__name__}")
 
 
 @dataclass
@@ -71,43 +40,19 @@ class ModelLayout:
         return self.num_heads if component == ATTN else self.intermediate
 
 
-def _decoder_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers > 0:
-            return module
-    raise PipelineError(f"unsupported architecture {type(model).__name__}: found no list of "
-                        f"{n_layers} decoder layers")
-
-
 def locate_units(model: nn.Module) -> ModelLayout:
-    config = model.config
-    config = getattr(config, "text_config", None) or config
-    n_layers = _config_get(config, "num_hidden_layers", "n_layer", "num_layers")
-    n_heads = _config_get(config, "num_attention_heads", "n_head")
-    hidden = _config_get(config, "hidden_size", "n_embd", "d_model")
-    if not (n_layers and n_heads and hidden):
-        raise PipelineError(f"unsupported architecture {type(model).__name__}: its config lacks the "
-                            "number of layers, heads or the hidden size")
-    layers = _decoder_layers(model, n_layers)
-    attn_out, mlp_down, gated = [], [], False
-    for idx, layer in enumerate(layers):
-        where = f"decoder layer {idx} ({type(layer).__name__})"
-        attn_name, attn = _first_child(layer, _ATTN_NAMES, "attention module", where)
-        _, out = _first_child(attn, _ATTN_OUT_NAMES, "attention output projection", f"{where}.{attn_name}")
-        mlp_name, mlp = _first_child(layer, _MLP_NAMES, "MLP module", where)
-        _, down = _first_child(mlp, _MLP_DOWN_NAMES, "MLP down projection", f"{where}.{mlp_name}")
-        gated = any(isinstance(getattr(mlp, n, None), nn.Module) for n in _GATE_NAMES)
-        attn_out.append(out)
-        mlp_down.append(down)
-    head_dim = _config_get(config, "head_dim", default=None) or hidden // n_heads
-    width = _in_features(attn_out[0])
-    if width != n_heads * head_dim:
+    """The unit sites of every decoder layer; an architecture the adapter does not know is a one-line error."""
+    shape = model_shape(model)
+    layers = decoder_layers(model)
+    found = [layer_modules(layer, idx) for idx, layer in enumerate(layers)]
+    width = input_width(found[0].attn_out)
+    if width != shape.heads * shape.head_dim:
         raise PipelineError(f"unsupported architecture: the attention output projection takes {width} "
-                            f"inputs, not heads x head_dim = {n_heads} x {head_dim}")
-    return ModelLayout(attn_out=attn_out, mlp_down=mlp_down, num_heads=n_heads, head_dim=head_dim,
-                       intermediate=_in_features(mlp_down[0]), hidden=hidden,
-                       num_kv_heads=_config_get(config, "num_key_value_heads", default=n_heads),
-                       gated_mlp=gated, decoder_layers=layers)
+                            f"inputs, not heads x head_dim = {shape.heads} x {shape.head_dim}")
+    return ModelLayout(attn_out=[m.attn_out for m in found], mlp_down=[m.mlp_down for m in found],
+                       num_heads=shape.heads, head_dim=shape.head_dim, intermediate=input_width(found[0].mlp_down),
+                       hidden=shape.hidden, num_kv_heads=shape.kv_heads, gated_mlp=found[-1].gated,
+                       decoder_layers=layers)
 
 
 class SiteHooks:

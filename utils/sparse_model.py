@@ -1,12 +1,13 @@
 """A sparse model view: the masked heads and neurons physically removed, so a decode step reads and
 multiplies only the kept weights.  Its outputs equal zero-masking the same units (``SiteHooks.masks``).
 
-- Heads: the kept query heads' rows of q_proj (and bias), the kept KV groups' rows of k_proj/v_proj, the
-  kept heads' columns of the output projection.  A KV group is kept while any of its query heads is.
-  HF attention needs the same number of query heads for every KV head (``num_key_value_groups``), so
-  each kept group is padded up to the largest kept count with removed heads of that group whose
-  output-projection columns are zero: they run, but add exactly nothing.
-- Neurons: rows of up/gate (fc1 and its bias), columns of down (fc2).
+- Heads: the kept query heads' rows of the query projection (and bias), the kept KV groups' rows of the
+  key and value projections, the kept heads' columns of the output projection.  A KV group is kept while
+  any of its query heads is.  HF attention needs the same number of query heads for every KV head
+  (``num_key_value_groups``), so each kept group is padded up to the largest kept count with removed
+  heads of that group whose output-projection columns are zero: they run, but add exactly nothing.
+- Neurons: rows of the gate and up projections (a plain MLP's first projection, and its bias), columns of
+  the down projection.  ``utils/architecture.py`` names these modules for each family.
 - A layer with no kept head (neuron) keeps one whose output columns are zero: exact, and every layer
   keeps a KV cache entry, so cache layer indexing is unchanged.
 - Unchanged modules (embeddings, norms, rotary, lm_head, output biases) are the dense model's own
@@ -22,13 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .architecture import (decoder_layers, layer_modules, mlp_input_names, qkv_names, set_head_counts,
+                           set_intermediate_size, spell_mlp_inputs, spell_qkv)
 from .errors import PipelineError
 from .sites import ATTN, MLP, locate_units
-
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_QKV = ("q_proj", "k_proj", "v_proj")
-_GATED = ("gate_proj", "up_proj", "down_proj")
-_PLAIN = ("fc1", "fc2")
 
 
 @dataclass
@@ -118,17 +116,6 @@ def shallow_clone(model: nn.Module) -> nn.Module:
     return clone(model)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks (found without reading unit widths, so it works on sparse models,
-    whose layers differ in width and which ``locate_units`` rejects)."""
-    config = getattr(model.config, "text_config", None) or model.config
-    n = getattr(config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise PipelineError(f"found no list of {n} decoder layers in {type(model).__name__}")
-
-
 def make_linear(weight: torch.Tensor, bias) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight`` (and ``bias``: a tensor, or an existing Parameter to share)."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -155,32 +142,20 @@ def _head_index(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-def _find(module: nn.Module, names, what: str, where: str):
-    for name in names:
-        child = getattr(module, name, None)
-        if isinstance(child, nn.Module):
-            return name, child
-    raise PipelineError(f"sparse_model does not support {where}: no {what} (looked for {', '.join(names)})")
-
-
-def _attention_parts(layer: nn.Module, out_module: nn.Module, where: str):
-    attn_name, attn = _find(layer, _ATTN_NAMES, "attention module", where)
-    for name in _QKV:
-        if not isinstance(getattr(attn, name, None), nn.Linear):
-            raise PipelineError(f"sparse_model needs separate q_proj/k_proj/v_proj Linear modules; {where} "
-                                f"({type(attn).__name__}) has no {name}")
-    out_name = next((n for n, m in attn.named_children() if m is out_module), None)
-    return attn_name, attn, out_name
-
-
-def _mlp_parts(layer: nn.Module, down_module: nn.Module, where: str):
-    mlp_name, mlp = _find(layer, ("mlp", "feed_forward"), "MLP module", where)
-    if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in _GATED) and mlp.down_proj is down_module:
-        return mlp_name, mlp, ("gate_proj", "up_proj"), "down_proj"
-    if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in _PLAIN) and mlp.fc2 is down_module:
-        return mlp_name, mlp, ("fc1",), "fc2"
-    raise PipelineError(f"sparse_model supports gated (gate/up/down_proj) and plain (fc1/fc2) MLPs; {where} has "
-                        f"{type(mlp).__name__}")
+def _projection_names(layer: nn.Module, index: int):
+    """The layer's modules, its q/k/v names and its MLP's (input names, down name); one-line errors for
+    projections sparse_model cannot slice."""
+    found = layer_modules(layer, index)
+    where = f"decoder layer {index} ({type(layer).__name__})"
+    qkv = qkv_names(found.attention)
+    if qkv is None:
+        raise PipelineError(f"sparse_model needs separate {spell_qkv()} Linear modules; {where} "
+                            f"({type(found.attention).__name__}) has none")
+    mlp_in = mlp_input_names(found.mlp, found.mlp_down_name)
+    if mlp_in is None:
+        raise PipelineError(f"sparse_model supports MLPs of {spell_mlp_inputs()} Linear modules; {where} has "
+                            f"{type(found.mlp).__name__}")
+    return found, qkv, mlp_in
 
 
 def sparse_model(model: nn.Module, keep: dict, *, share_unchanged: bool = True):
@@ -192,31 +167,23 @@ def sparse_model(model: nn.Module, keep: dict, *, share_unchanged: bool = True):
     ``share_unchanged``: embeddings, norms and lm_head are the dense model's own modules (default);
     False makes the sparse model fully independent (a deep copy)."""
     plan = make_plan(model, keep)
-    layout = locate_units(model)
     sparse = shallow_clone(model)
     hd = plan.head_dim
     with torch.no_grad():
         for l, (layer, lp) in enumerate(zip(decoder_layers(sparse), plan.layers)):
-            where = f"decoder layer {l} ({type(layer).__name__})"
-            _, attn, out_name = _attention_parts(layer, layout.attn_out[l], where)
+            found, (q, k, v), mlp_in = _projection_names(layer, l)
+            attn, mlp = found.attention, found.mlp
             q_idx, kv_idx = _head_index(lp.q_heads, hd), _head_index(lp.kv_heads, hd)
-            attn.q_proj = _rows(attn.q_proj, q_idx)
-            attn.k_proj = _rows(attn.k_proj, kv_idx)
-            attn.v_proj = _rows(attn.v_proj, kv_idx)
+            setattr(attn, q, _rows(getattr(attn, q), q_idx))
+            setattr(attn, k, _rows(getattr(attn, k), kv_idx))
+            setattr(attn, v, _rows(getattr(attn, v), kv_idx))
             live = lp.head_live.repeat_interleave(hd)
-            setattr(attn, out_name, _cols(getattr(attn, out_name), q_idx, live))
-            # the attributes HF attention forwards read (the head counts come from the tensor shapes)
-            attn.num_key_value_groups = lp.groups
-            for name, value in (("num_heads", len(lp.q_heads)), ("num_attention_heads", len(lp.q_heads)),
-                                ("num_key_value_heads", len(lp.kv_heads))):
-                if isinstance(getattr(attn, name, None), int):
-                    setattr(attn, name, value)
-            _, mlp, ups, down = _mlp_parts(layer, layout.mlp_down[l], where)
-            for name in ups:
+            setattr(attn, found.attn_out_name, _cols(found.attn_out, q_idx, live))
+            set_head_counts(attn, len(lp.q_heads), len(lp.kv_heads))
+            for name in mlp_in:
                 setattr(mlp, name, _rows(getattr(mlp, name), lp.neurons))
-            setattr(mlp, down, _cols(getattr(mlp, down), lp.neurons, lp.neuron_live))
-            if isinstance(getattr(mlp, "intermediate_size", None), int):
-                mlp.intermediate_size = len(lp.neurons)
+            setattr(mlp, found.mlp_down_name, _cols(found.mlp_down, lp.neurons, lp.neuron_live))
+            set_intermediate_size(mlp, len(lp.neurons))
     if not share_unchanged:
         sparse = copy.deepcopy(sparse)
     return sparse, plan
