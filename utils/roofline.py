@@ -15,6 +15,7 @@ import time
 import torch
 from torch import nn
 
+from .architecture import decoder_layers, layer_modules, qkv_names, spell_qkv
 from .errors import PipelineError
 
 GPU_READ_BYTES = 2 ** 30          # at least 1 GiB on a GPU: far larger than its L2 cache
@@ -90,11 +91,15 @@ def kv_bytes_per_position(model: nn.Module) -> int:
     """Bytes of keys and values one position adds to the KV cache over all layers: the output widths of
     every layer's key and value projections (a sparse model's kept KV heads) in the weights' dtype."""
     total = 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("k_proj", "v_proj") and isinstance(module, nn.Linear):
-            total += module.out_features * module.weight.element_size()
-    if total == 0:
-        raise PipelineError(f"cannot find the key/value projections of {type(model).__name__} (k_proj, v_proj)")
+    for i, layer in enumerate(decoder_layers(model)):
+        attention = layer_modules(layer, i).attention
+        names = qkv_names(attention)
+        if names is None:
+            raise PipelineError(f"cannot read the key/value widths of {type(model).__name__}: its attention has no "
+                                f"separate {spell_qkv()} projections")
+        for name in names[1:]:                    # key, value
+            proj = getattr(attention, name)
+            total += proj.out_features * proj.weight.element_size()
     return total
 
 
