@@ -247,7 +247,7 @@ def llama_copy(pipeline, tmp_path):
 def test_sweep_with_every_source(pipeline, llama_copy, capsys):
     from main import parse as parse_sweep
     from utils.paths import ResultPaths
-    from utils.sweep import sweep_done
+    from utils.sweep_results import sweep_done
 
     res = llama_copy / "res" / "both"
     ratios = [0.0, 0.5, 0.9]     # three ratios keep the 21 curves' batch small
@@ -308,7 +308,7 @@ def test_sweep_with_every_source(pipeline, llama_copy, capsys):
 def test_metric_all_skips_missing_files_only(pipeline, llama_copy, capsys):
     from main import parse as parse_sweep
     from utils.paths import ResultPaths
-    from utils.sweep import sweep_done
+    from utils.sweep_results import sweep_done
 
     where = ["--result_dir", llama_copy, "--device", "cpu", "--ratios", 0.0, 0.5]
     ig = llama_copy / "ig"
