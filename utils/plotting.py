@@ -105,10 +105,13 @@ def _fewer_samples_style(label: str, style: dict, samples: int) -> tuple[str, di
 
 
 def _fewer_samples_note(fewer: list[int], most: int) -> str:
-    one = "; a curve on 1 sample is noise, not a result" if 1 in fewer else ""
-    return (f"dashed, faded: a curve on fewer samples than the others (n={most}), not comparable with them{one}.\n"
-            "Curves on 100 samples per model and task: RESULTS.md; for this run, give the metric's score step "
-            "more samples (run_pipeline.py --ig_num_data for IG).")
+    lines = [f"dashed, faded: fewer samples than the other curves (n={most}), so not comparable with them.",
+             "Curves on 100 samples per model and task: RESULTS.md.",
+             "More samples for this run: the metric's score step with a larger --num_data "
+             "(run_pipeline.py --ig_num_data for IG)."]
+    if 1 in fewer:
+        lines[1] = f"A curve on 1 sample is noise, not a result. {lines[1]}"
+    return "\n".join(lines)
 
 
 def speedup_at(rows: list[dict], kept: float) -> float:
