@@ -17,7 +17,8 @@ from utils.metric_registry import (METRICS, Metric, RemovalCost, metric_names, r
                                    unregister_metric)
 from utils.plotting import _metric_style
 from utils.sites import ATTN, MLP
-from utils.sources import SOURCES, Source, calibrated_sources, label_free_sources, parse_sources, source_keep_masks
+from utils.sources import (SOURCES, Source, calibrated_sources, label_free_sources, parse_sources, register_source,
+                           source_keep_masks, unregister_source)
 from utils.sweep import sample_keep_masks, sweep_request
 from utils.sweep_results import _is_curve_file
 
@@ -156,11 +157,19 @@ def _last_step(rank, calibrated):
     return rank[-1:]
 
 
-def test_a_declared_source_is_everywhere(monkeypatch):
+@pytest.fixture
+def toy_sources():
+    yield
+    unregister_source("last")
+    unregister_source("median")
+
+
+def test_a_declared_source_is_everywhere(toy_sources):
     """A source is one declaration plus its function: here the last step's scores for every step, and a
-    calibrated one; the sources' order, masks, calibration rule and help texts all follow."""
-    monkeypatch.setitem(SOURCES, "last", Source("last", _last_step, "the last step's mask for every step",
-                                                "last (one mask)", "-.", uses_label=True))
+    calibrated one; the sources' order, masks, calibration rule and help texts all follow, and removed,
+    it is gone."""
+    register_source(Source("last", _last_step, "the last step's mask for every step", "last (one mask)", "-.",
+                           uses_label=True))
     assert parse_sources(["all"]) == ["oracle", "prompt", "static", "last"]
     assert parse_sources(["last", "oracle"]) == ["oracle", "last"]
     rank = torch.randn(4, L, I, generator=torch.Generator().manual_seed(2))
@@ -174,10 +183,15 @@ def test_a_declared_source_is_everywhere(monkeypatch):
     request = sweep_request(["gxo"], ratios=[0.0], sources=["last"])
     assert request.calib_num_data is None
 
-    monkeypatch.setitem(SOURCES, "median", Source("median", SOURCES["static"].keep_scores, "calibrated median",
-                                                  "median", ":", needs_calibration=True))
+    register_source(Source("median", SOURCES["static"].keep_scores, "calibrated median", "median", ":",
+                           needs_calibration=True))
     assert calibrated_sources() == ("static", "median")
     assert sweep_request(["gxo"], ratios=[0.0], sources=["median"]).calib_num_data == 100
     with pytest.raises(PipelineError, match=r"^--calib_num_data only applies to --source static or median; drop it "
                                             r"or add static or median$"):
         sweep_request(["gxo"], ratios=[0.0], sources=["oracle"], calib_num_data=3)
+    unregister_source("median")
+    unregister_source("last")
+    assert calibrated_sources() == ("static",) and list(SOURCES) == ["oracle", "prompt", "static"]
+    with pytest.raises(PipelineError, match="unknown --source last; choose from oracle, prompt, static or all"):
+        parse_sources(["last"])

@@ -60,6 +60,19 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
 )}
 
 
+def register_source(source: Source) -> Source:
+    """Add a source after the built-in ones (a plug-in, or a test's toy source); its name must be new."""
+    if source.name in SOURCES or source.name == "all":
+        raise PipelineError(f"a mask source named {source.name!r} is already declared; give the new one another name")
+    SOURCES[source.name] = source
+    return source
+
+
+def unregister_source(name: str) -> None:
+    """Remove a source :func:`register_source` added."""
+    SOURCES.pop(name, None)
+
+
 def source_names() -> tuple:
     return tuple(SOURCES)
 
