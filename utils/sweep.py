@@ -2,9 +2,10 @@
 ratio is decoded in one batch and scored teacher-forced; quality against the dense label and the
 activation ratio are aggregated and written (utils/sweep_results.py).
 
-A :class:`SweepRequest` is checked once (:func:`sweep_request`); :func:`run_sweep` loads the scores,
-calibrates the sources that need it, and hands each sample to a :class:`SampleSweep`: its masks as a
-:class:`SampleJob`, their decoding, and its result rows."""
+A :class:`SweepRequest` is checked once (:func:`sweep_request`); :func:`plan_sweep` loads the scores,
+calibrates the sources that need it and settles the curves (a :class:`SweepPlan`); :func:`run_sweep` hands
+each sample to a :class:`SampleSweep`: its masks as a :class:`SampleJob`, their decoding, and its result
+rows."""
 from __future__ import annotations
 
 import json
@@ -196,15 +197,42 @@ class SampleJob:
     state: tuple                # the dense prompt's first token and cache (utils.generation.prompt_state)
 
 
+@dataclass
+class SweepPlan:
+    """What a sweep computes, settled before any sample runs (:func:`plan_sweep`)."""
+    request: SweepRequest       # with the run's num_data
+    scores: dict                # {metric: {comp: {kind: one tensor per sample}}}, the metrics with files
+    skipped: list               # metrics left out for missing files (``all``)
+    counts: dict                # {metric: samples it is evaluated on}
+    variants: list              # the curves' (metric, source) pairs, in order
+    inputs: RankInputs
+    calibrated: dict            # {metric: {comp: [L, units]}} for the sources that need calibration
+    selected: torch.Tensor      # [L]: the masked layers
+
+
+def plan_sweep(run, request: SweepRequest) -> SweepPlan:
+    """Load the requested metrics' scores and settle the curves: every source for every metric with files,
+    except a calibrated source for a metric that cannot be calibrated."""
+    request = replace(request, num_data=run.num_data)
+    scores, skipped = load_metric_scores(run, request.metrics, request.explicit)
+    metrics = list(scores)
+    counts = {m: min(run.num_data, metric_sample_count(scores[m])) for m in metrics}
+    selected = layer_selection(request.layers, run.layout.num_layers)
+    inputs = RankInputs.of(run.layout, metrics, request.cor_gxo_variant)
+    calibrated = calibrate(run, request, scores, inputs)
+    # the curves, in order: sources outer (oracle first: the curves of the oracle-only sweeps), metrics inner
+    variants = [(m, src) for src in request.sources for m in metrics
+                if not get_source(src).needs_calibration or m in calibrated]
+    return SweepPlan(request, scores, skipped, counts, variants, inputs, calibrated, selected)
+
+
 class SampleSweep:
     """The sweep of a group of samples: each one's :class:`SampleJob`, the decoding of the jobs (several
     samples per batch where allowed) and each sample's result rows."""
 
-    def __init__(self, run, hooks: SiteHooks, request: SweepRequest, scores: dict, variants: list, counts: dict,
-                 inputs: RankInputs, calibrated: dict, selected: torch.Tensor, batch_size: int):
-        self.run, self.hooks, self.scores, self.variants, self.counts = run, hooks, scores, variants, counts
-        self.ratios, self.inputs, self.calibrated, self.selected = request.ratios, inputs, calibrated, selected
-        self.batch_size = batch_size
+    def __init__(self, run, hooks: SiteHooks, plan: SweepPlan, batch_size: int):
+        self.run, self.hooks, self.plan, self.batch_size = run, hooks, plan, batch_size
+        self.ratios = plan.request.ratios
         self.weights = unit_weights(run.layout)
         self.eos = run.labels.settings.get("eos_token_ids") or eos_token_ids(run.model, run.tokenizer)
         self.device = next(run.model.parameters()).device
@@ -222,13 +250,13 @@ class SampleSweep:
 
     def job(self, i: int) -> SampleJob | None:
         """Sample i's distinct masks and dense prompt state (None: nothing to decode)."""
-        active = [(m, src) for m, src in self.variants if i < self.counts[m]]
-        labels = self.run.labels
+        plan, labels = self.plan, self.run.labels
+        active = [(m, src) for m, src in plan.variants if i < plan.counts[m]]
         label = labels.label_ids[i]
         if not (active and label):
             return None
-        masks = [sample_keep_masks(self.scores[m], m, i, self.ratios, self.selected, self.inputs, self.device,
-                                   source=src, calibrated=self.calibrated.get(m))
+        masks = [sample_keep_masks(plan.scores[m], m, i, self.ratios, plan.selected, plan.inputs, self.device,
+                                   source=src, calibrated=plan.calibrated.get(m))
                  for m, src in active]
         keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [V*R, T, L, U]
         kept, total = kept_weight(keep, self.weights)
@@ -296,23 +324,15 @@ def run_sweep(run, request: SweepRequest, *, batch_size: int = 0, sample_batch: 
 
     ``batch_size``: masked variants per forward (0: all of a sample's).  ``sample_batch``: samples decoded
     together (0: :func:`auto_sample_batch`); with a ``batch_size`` given, one sample at a time."""
-    request = replace(request, num_data=run.num_data)
-    scores, skipped = load_metric_scores(run, request.metrics, request.explicit)
-    metrics = list(scores)
-    counts = {m: min(run.num_data, metric_sample_count(scores[m])) for m in metrics}
-    selected = layer_selection(request.layers, run.layout.num_layers)
-    inputs = RankInputs.of(run.layout, metrics, request.cor_gxo_variant)
-    calibrated = calibrate(run, request, scores, inputs)
-    # the curves, in order: sources outer (oracle first: the curves of the oracle-only sweeps), metrics inner
-    variants = [(m, src) for src in request.sources for m in metrics
-                if not get_source(src).needs_calibration or m in calibrated]
-    key = json.dumps({"run_id": run.labels.run_id, "variants": variants, "counts": counts,
+    plan = plan_sweep(run, request)
+    request = plan.request
+    key = json.dumps({"run_id": run.labels.run_id, "variants": plan.variants, "counts": plan.counts,
                       "request": request.recorded(), "quality": list(MEASURES)})
     ckpt = open_checkpoint(run.paths.res / ".sweep", key)
     device = next(run.model.parameters()).device
     group = 1 if batch_size > 0 else sample_batch if sample_batch > 0 else auto_sample_batch(device)
     hooks = SiteHooks(run.model, run.layout)
-    sweep = SampleSweep(run, hooks, request, scores, variants, counts, inputs, calibrated, selected, batch_size)
+    sweep = SampleSweep(run, hooks, plan, batch_size)
     bar = tqdm(total=run.num_data, desc="sweep", unit="sample", disable=not current_shard().is_main)
     try:
         with bar:
@@ -323,8 +343,8 @@ def run_sweep(run, request: SweepRequest, *, batch_size: int = 0, sample_batch: 
     if per_sample is None:  # another process writes the results
         return None
     rows = [row for sample_rows in per_sample for row in sample_rows]
-    results = aggregate(rows, variants, request.ratios, counts)
-    results["settings"] = sweep_settings(run, request, metrics, skipped, sweep.weights)
+    results = aggregate(rows, plan.variants, request.ratios, plan.counts)
+    results["settings"] = sweep_settings(run, request, list(plan.scores), plan.skipped, sweep.weights)
     write_results(run.paths.res, results, rows, request.plot_metrics)
     ckpt.finish()
     return results
