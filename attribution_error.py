@@ -4,13 +4,14 @@ cost each metric predicts (Spearman rank correlation per metric and component, a
 -> result/<dataset>/attribution_error/{rows.json, summary.json, scatter.png, scatter.pdf}.
 Needs labels.json and the score files (Mag_*.py, attribution_attention.py); resumes per sample."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
-from utils.attribution_error import ERROR_METRICS, measure_attribution_error
+from utils.attribution_error import measure_attribution_error
 from utils.errors import PipelineError, cli_entry
 from utils.flags import Parser, add_location_flags, add_run_flags, at_least_one
+from utils.metric_registry import studied_metrics
 from utils.run import open_run
 from utils.sweep import load_metric_scores
 
-METRICS = ["all"]       # any of gxo cor_gxo ig gradient magnitude, or all (every metric whose files exist)
+METRICS = ["all"]       # metrics with a removal cost (utils/metric_registry.py), or all (those whose files exist)
 NUM_UNITS = 64          # units removed one at a time, per component, per measured step
 STEPS = 4               # measured steps per sample (drawn from t >= 1; all of them if the label is shorter)
 UNIT_SEED = 0           # draws the steps and units (per sample, so a resumed or sharded run draws the same)
@@ -22,7 +23,8 @@ def build_parser() -> Parser:
     parser = Parser(__doc__)
     add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
     add_run_flags(parser, num_data=NUM_DATA, device=label_generation.DEVICE)
-    parser.add_argument("--metric_name", nargs="+", default=METRICS, help=f"any of {' '.join(ERROR_METRICS)}, or all")
+    parser.add_argument("--metric_name", nargs="+", default=METRICS,
+                        help=f"any of {' '.join(studied_metrics())}, or all")
     parser.add_argument("--num_units", type=at_least_one("--num_units"), default=NUM_UNITS,
                         help="units removed one at a time, per component, per measured step")
     parser.add_argument("--steps", type=at_least_one("--steps"), default=STEPS,
@@ -37,10 +39,11 @@ def build_parser() -> Parser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     explicit = args.metric_name != ["all"]
-    names = list(ERROR_METRICS) if not explicit else args.metric_name
-    unknown = [m for m in names if m not in ERROR_METRICS]
+    studied = studied_metrics()
+    names = list(studied) if not explicit else args.metric_name
+    unknown = [m for m in names if m not in studied]
     if unknown:
-        raise PipelineError(f"unknown --metric_name {', '.join(unknown)}; choose from {', '.join(ERROR_METRICS)} or all")
+        raise PipelineError(f"unknown --metric_name {', '.join(unknown)}; choose from {', '.join(studied)} or all")
     run = open_run(args)
     per_metric, _ = load_metric_scores(run, names, explicit)   # (scores, metrics skipped for missing files)
     summary = measure_attribution_error(run, per_metric, num_units=args.num_units, num_steps=args.steps,

@@ -28,8 +28,9 @@ from utils.prompts import PROMPT_FORMATS
 from utils.provenance import labels_done, load_labels, scores_done
 from utils.run import result_paths
 from utils.sites import ATTN, COMPONENTS, MLP
-from utils.sources import DEFAULT_CALIB_NUM_DATA
-from utils.sweep import sweep_done
+from utils.sources import DEFAULT_CALIB_NUM_DATA, calibrated_sources, source_names
+from utils.sweep import SweepRequest
+from utils.sweep_results import sweep_done
 
 IG_NUM_DATA = None     # the driver's own: None runs IG on every sample; fewer keeps IG affordable on a CPU
 # --offline: the laptop-CPU quick start, a smoke test of every step in about 2 minutes on 2 cores (IG, the
@@ -63,13 +64,14 @@ def build_parser() -> Parser:
     p.add_argument("--batch_size", type=int,
                    help=f"token positions per forward/backward of the score steps "
                         f"{default(aa, 'BATCH_SIZE', 'automatic')}")
+    calibrated = " and ".join(calibrated_sources())
     p.add_argument("--source", nargs="+",
-                   help="main.py --source: oracle prompt static or all (static also labels and scores "
-                        "--calib_num_data calibration samples after the --num_data evaluated) "
+                   help=f"main.py --source: {' '.join(source_names())} or all ({calibrated} also labels and "
+                        "scores --calib_num_data calibration samples after the --num_data evaluated) "
                         f"{default(sweep_main, 'SOURCE')}")
     p.add_argument("--calib_num_data", type=int,
-                   help="main.py --calib_num_data: static calibration samples "
-                        f"{default(sweep_main, 'CALIB_NUM_DATA', f'{DEFAULT_CALIB_NUM_DATA} with static')}")
+                   help=f"main.py --calib_num_data: {calibrated} calibration samples "
+                        f"{default(sweep_main, 'CALIB_NUM_DATA', f'{DEFAULT_CALIB_NUM_DATA} with {calibrated}')}")
     p.add_argument("--skip_ig", action="store_true", help="leave integrated gradients out")
     p.add_argument("--redo", action="store_true", help="recompute steps whose files are already complete")
     p.add_argument("--dtype", help=f"{HELP['dtype']} {default(lg, 'DTYPE')}")
@@ -109,7 +111,7 @@ def given(args, *names) -> list[str]:
     return out
 
 
-def plan(args) -> tuple[list[Step], dict]:
+def plan(args) -> tuple[list[Step], SweepRequest]:
     """The steps with their command lines, each parsed and checked by the step's own parser (so every
     flag is checked before any step runs, and every step constant not overridden here applies), and the
     sweep's request."""
@@ -117,7 +119,7 @@ def plan(args) -> tuple[list[Step], dict]:
     num_data = args.num_data if args.num_data is not None else label_generation.NUM_DATA
     sweep_argv = where + ["--num_data", str(num_data)] + given(args, "source", "calib_num_data")
     sweep_args, request = sweep_main.parse(sweep_argv)
-    total = num_data + (request["calib_num_data"] or 0)     # static's calibration samples follow the evaluated
+    total = num_data + (request.calib_num_data or 0)     # the calibration samples follow the evaluated
     label_argv = where + given(args, "model_name", "dtype", "prompt_format") + ["--num_data", str(total)]
     if args.ig_num_data is not None and not 1 <= args.ig_num_data <= total:
         raise PipelineError(f"--ig_num_data must be between 1 and the {total} labelled samples (got "
@@ -139,7 +141,7 @@ def plan(args) -> tuple[list[Step], dict]:
     return steps, request
 
 
-def done_check(args, steps: list[Step], paths, fingerprint: str, sweep: dict):
+def done_check(args, steps: list[Step], paths, fingerprint: str, sweep: SweepRequest):
     """Per step, a function telling whether its files are complete, readable and finite for this run
     (nothing is skipped with --redo).  Score steps compare against the labels on disk, so new labels redo
     everything after them; a damaged or non-finite file is recomputed."""

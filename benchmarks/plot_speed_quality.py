@@ -15,10 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.errors import PipelineError, cli_entry  # noqa: E402
 from utils.io import read_json  # noqa: E402
 from utils.plotting import plot_speed_quality  # noqa: E402
-from utils.sweep import PLOT_METRICS  # noqa: E402
+from utils.quality import MEASURES  # noqa: E402
+from utils.sources import label_free_sources  # noqa: E402
 
 MEASURE = "bleu"
-SOURCES = ["prompt", "static"]
+SOURCES = list(label_free_sources())   # prompt, static
 OUT = None          # None: speed_quality.png/.pdf beside results.json
 
 
@@ -30,7 +31,7 @@ def main(argv=None):
                    help="decode benchmark JSONs (bench_decode.py --json): one panel per device and batch")
     p.add_argument("--source", nargs="+", default=list(SOURCES),
                    help="mask sources to draw (default: the label-free ones, which the sparse model runs)")
-    p.add_argument("--measure", default=MEASURE, choices=PLOT_METRICS, help="y-axis")
+    p.add_argument("--measure", default=MEASURE, choices=MEASURES, help="quality measure on the y-axis")
     p.add_argument("--out", default=OUT, help="output stem (writes .png and .pdf)")
     args = p.parse_args(argv)
     try:

@@ -15,7 +15,8 @@ import label_generation
 import Mag_attention
 import Mag_mlp
 from conftest import write_qa_file
-from utils.attribution_error import ERROR_METRICS, average_ranks, choose_units, spearman
+from utils.attribution_error import average_ranks, choose_units, spearman
+from utils.metric_registry import studied_metrics
 from utils.models import load_model_and_tokenizer
 from utils.sites import ATTN, locate_units
 
@@ -138,12 +139,12 @@ def test_predictions_come_from_the_score_files(error_run):
             assert r["predicted"]["magnitude"] == pytest.approx(mag[i][t, l, u].item(), rel=1e-6)
         # IG was computed on the first 2 samples only: the third has no IG prediction
         assert ("ig" in r["predicted"]) == (i < 2)
-        assert set(r["predicted"]) - {"ig"} == set(ERROR_METRICS) - {"ig"}
+        assert set(r["predicted"]) - {"ig"} == set(studied_metrics()) - {"ig"}
 
 
 def test_summary_and_figure(error_run):
     summary, rows, out = error_run["summary"], error_run["rows"], error_run["dir"]
-    assert set(summary["correlation"]) == set(ERROR_METRICS)
+    assert set(summary["correlation"]) == set(studied_metrics())
     assert summary["metric_samples"] == {"gxo": 3, "cor_gxo": 3, "ig": 2, "gradient": 3, "magnitude": 3}
     for metric, per in summary["correlation"].items():
         for comp, stats in per.items():
@@ -167,7 +168,7 @@ def test_other_batch_split_gives_the_same_rows_and_bad_flags_fail_cleanly(error_
 
     where = ["--result_dir", str(error_run["result"]), "--device", "cpu"]
     run = open_run(script.build_parser().parse_args(where))
-    per_metric, _ = load_metric_scores(run, list(ERROR_METRICS), explicit=True)
+    per_metric, _ = load_metric_scores(run, list(studied_metrics()), explicit=True)
     with SiteHooks(run.model, run.layout) as hooks:
         again = [r for i in range(run.num_data)
                  for r in sample_rows(run, hooks, per_metric, i, num_units=6, num_steps=2, seed=0, batch_size=64)]

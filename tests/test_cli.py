@@ -104,9 +104,9 @@ def test_run_pipeline_follows_every_step_constant(edited_constants):
     assert (ig.metric, ig.n_steps, ig.batch_size, ig.num_data) == (["ig"], 3, 64, 6)
     sweep = args["sweep + figure"]
     assert sweep.batch_size == 5 and sweep.num_data == 7
-    assert request == {"metric_name": ["gxo", "cor_gxo"], "sources": ["oracle", "static"], "ratios": [0.0, 0.5],
-                       "mask_layers": [0, 1], "cor_gxo_variant": "released", "num_data": 7, "calib_num_data": 2,
-                       "plot_metrics": ["kl"]}
+    assert request.recorded() == {"metric_name": ["gxo", "cor_gxo"], "sources": ["oracle", "static"],
+                                  "ratios": [0.0, 0.5], "mask_layers": [0, 1], "cor_gxo_variant": "released",
+                                  "num_data": 7, "calib_num_data": 2, "plot_metrics": ["kl"]}
     # the help shows the edited values, and flags given still override them
     text = " ".join(run_pipeline.build_parser().format_help().split())
     assert "N_STEPS: 3" in text and "MODEL_NAME: org/edited-model" in text

@@ -247,7 +247,7 @@ def llama_copy(pipeline, tmp_path):
 def test_sweep_with_every_source(pipeline, llama_copy, capsys):
     from main import parse as parse_sweep
     from utils.paths import ResultPaths
-    from utils.sweep import sweep_done
+    from utils.sweep_results import sweep_done
 
     res = llama_copy / "res" / "both"
     ratios = [0.0, 0.5, 0.9]     # three ratios keep the 21 curves' batch small
@@ -305,10 +305,38 @@ def test_sweep_with_every_source(pipeline, llama_copy, capsys):
     assert {r["metric"] for r in json.loads((res / "per_sample.json").read_text())} == {"gxo"}
 
 
+def _snip_again(comp, s, head_dim, variant):
+    return s["gxo"].abs()
+
+
+def test_a_metric_declared_once_is_swept(pipeline, llama_copy, capsys):
+    """One registry declaration is all a metric that ranks from existing files needs: a copy of snip is
+    swept (oracle and prompt), written and plotted, and its rows are snip's."""
+    from utils.metric_registry import Metric, register_metric, unregister_metric
+
+    register_metric(Metric("snip_again", ("gxo",), _snip_again, "SNIP again", "tab:olive", "*"))
+    try:
+        code, err = sweep_in_process(capsys, "--metric_name", "snip_again", "gxo", "--source", "oracle", "prompt",
+                                     "--ratios", 0.0, 0.5, "--result_dir", llama_copy, "--device", "cpu")
+    finally:
+        unregister_metric("snip_again")
+    assert code == 0, err
+    res = llama_copy / "res" / "both"
+    results = json.loads((res / "results.json").read_text())
+    assert list(results["curves"]) == ["snip_again", "gxo", "snip_again@prompt", "gxo@prompt"]
+    assert (res / "snip_again@prompt.json").is_file() and (res / "tradeoff.png").stat().st_size > 0
+    rows = json.loads((res / "per_sample.json").read_text())
+    before = [r for r in json.loads((pipeline.res / "per_sample.json").read_text())
+              if r["metric"] == "snip" and r["ratio"] in (0.0, 0.5)]
+    again = [r for r in rows if r["metric"] == "snip_again" and r["source"] == "oracle"]
+    assert [(r["sample"], r["ratio"], r["output"], r["kept_weight"]) for r in again] == \
+        [(r["sample"], r["ratio"], r["output"], r["kept_weight"]) for r in before]
+
+
 def test_metric_all_skips_missing_files_only(pipeline, llama_copy, capsys):
     from main import parse as parse_sweep
     from utils.paths import ResultPaths
-    from utils.sweep import sweep_done
+    from utils.sweep_results import sweep_done
 
     where = ["--result_dir", llama_copy, "--device", "cpu", "--ratios", 0.0, 0.5]
     ig = llama_copy / "ig"

@@ -74,3 +74,32 @@ def test_several_benchmark_files_device_from_settings_and_the_fastest_dense_path
     assert [r["speedup"] for r in groups[("x86_64 float32", 1)]] == [1.0, 1.5]     # unfused: faster dense
     plot_speed_quality(results(), [cpu, gpu], tmp_path / "speed")
     assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curve_on_fewer_samples_is_set_apart(tmp_path, monkeypatch):
+    """The quick start's IG (1 of 8 questions) is drawn dashed and faded, its legend says it is noise, and
+    a note under the figure points to comparable curves; curves on every sample are drawn as before."""
+    import utils.plotting
+
+    drawn = []
+    monkeypatch.setattr(utils.plotting, "save_figure", lambda fig, path: drawn.append(fig))
+    plot_tradeoff(results(samples=(3, 1)), tmp_path / "tradeoff")
+    fig = drawn[0]
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    assert set(lines) == {"GxO", "Integrated gradients (n=1, noise)"}
+    ig, gxo = lines["Integrated gradients (n=1, noise)"], lines["GxO"]
+    assert (ig.get_linestyle(), ig.get_alpha(), ig.get_linewidth()) == ("--", 0.45, 0.9)
+    assert (gxo.get_linestyle(), gxo.get_alpha(), gxo.get_linewidth()) == ("-", None, 1.5)
+    note = " ".join(t.get_text() for t in fig.texts if t.get_text() != fig.get_suptitle())
+    assert "a curve on 1 sample is noise" in note.lower() and "RESULTS.md" in note and "(n=3)" in note
+
+    drawn.clear()
+    plot_tradeoff(results(samples=(3, 2)), tmp_path / "tradeoff")
+    labels = [line.get_label() for ax in drawn[0].axes for line in ax.get_lines()]
+    assert "Integrated gradients (n=2)" in labels
+    assert "noise" not in " ".join(t.get_text() for t in drawn[0].texts)
+    assert "not comparable" in " ".join(t.get_text() for t in drawn[0].texts)
+
+    drawn.clear()
+    plot_tradeoff(results(), tmp_path / "tradeoff")
+    assert [t.get_text() for t in drawn[0].texts] == [drawn[0].get_suptitle()]   # all on every sample: no note

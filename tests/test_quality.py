@@ -1,4 +1,4 @@
-"""Teacher-forced KL and perplexity of masked variants (utils/metrics.py) against a slow reference: the
+"""Teacher-forced KL and perplexity of masked variants (utils/quality.py) against a slow reference: the
 masked model run step by step against its own KV cache, each step under its own mask."""
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from conftest import VOCAB
 from utils.kv_cache import cache_argument_name, output_cache
-from utils.metrics import teacher_forced_quality
+from utils.quality import teacher_forced_quality
 from utils.sites import ATTN, MLP, SiteHooks, locate_units
 
 

@@ -10,9 +10,9 @@ from conftest import VOCAB
 from utils.attribution import Attributor
 from utils.errors import PipelineError
 from utils.generation import dense_label
-from utils.masks import output_weight_norms, ranking
+from utils.masks import RankInputs, output_weight_norms, ranking
 from utils.sites import ATTN, MLP, locate_units
-from utils.sources import parse_sources, prompt_scores, source_keep_masks, static_keep_scores
+from utils.sources import calibrated_keep_scores, parse_sources, prompt_scores, source_keep_masks
 
 RATIOS = [0.0, 0.3, 0.5, 0.9]
 
@@ -107,7 +107,7 @@ def test_static_mask_is_the_threshold_of_the_mean_over_calibration_steps():
                      "magnitude": [torch.rand(T, L, U, generator=g) for T in lengths],
                      "grad_norm": [torch.rand(T, L, generator=g) for T in lengths],
                      "gradient": [torch.randn(T, L, U, generator=g) for T in lengths]}
-    static = static_keep_scores(per, "cor_gxo", [2, 3], d)
+    static = calibrated_keep_scores(per, "cor_gxo", [2, 3], RankInputs(d))
     for comp, U in ((ATTN, H), (MLP, I)):
         scale = d if comp == ATTN else 1
         for l in range(L):
@@ -122,14 +122,14 @@ def test_static_mask_is_the_threshold_of_the_mean_over_calibration_steps():
             for r, p in enumerate(RATIOS):
                 for t in range(3):
                     assert masks[r, t, l].tolist() == threshold_keep(static[comp][l].tolist(), p)
-    gxo = static_keep_scores(per, "gxo", [0], d)
+    gxo = calibrated_keep_scores(per, "gxo", [0], RankInputs(d))
     torch.testing.assert_close(gxo[MLP], -per[MLP]["gxo"][0].mean(0))
 
 
 def test_static_without_calibration_steps_is_refused():
     per = {c: {"magnitude": [torch.zeros(0, 2, 4)]} for c in (ATTN, MLP)}
     with pytest.raises(PipelineError, match="no label tokens"):
-        static_keep_scores(per, "magnitude", [0], 8)
+        calibrated_keep_scores(per, "magnitude", [0], RankInputs(8))
 
 
 def test_source_names():

@@ -2,8 +2,8 @@
 result folder, the step script that writes it, and its shape.  Paths, "rerun X.py" advice, the done
 checks and the provenance all read these entries; no other module spells a file name or a script name.
 
-Score files are addressed by (kind, component): kind is one of :data:`SCORE_KINDS`, component one of
-``utils.sites.COMPONENTS``."""
+Score files are addressed by (kind, component): kind is one of :data:`SCORE_KINDS` (each declared once in
+:data:`KINDS`), component one of ``utils.sites.COMPONENTS``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +18,6 @@ SCORES_SCRIPT = "attribution_attention.py"
 SWEEP_SCRIPT = "main.py"
 PIPELINE_SCRIPT = "run_pipeline.py"
 
-SCORE_KINDS = ("magnitude", "gradient", "gxo", "ig", "grad_norm")
 SWEEP_DIR = "res/both"
 RESULT_FILES = ("results.json", "results.csv", "per_sample.json")   # every sweep writes these three
 
@@ -34,28 +33,49 @@ class Artifact:
 
     def expected_shape(self, layout):
         """``T -> shape`` of one sample's tensor with T label tokens (score files only)."""
-        if self.kind == "grad_norm":
+        if KINDS[self.kind].per_layer:
             return lambda T: (T, layout.num_layers)
         units = layout.units(self.component)
         return lambda T: (T, layout.num_layers, units)
 
 
-def _score_entry(kind: str, comp: str) -> Artifact:
+@dataclass(frozen=True)
+class ScoreKind:
+    """A per-token score the model computes (METHOD §3), declared once: where its files go, the command that
+    writes them, and which pass of the attribution code computes it.  A metric's ranking reads kinds
+    (utils/metric_registry.py); a new kind needs this declaration and its computation in utils/attribution.py."""
+    name: str
+    folder: str                 # relative to the result folder
+    commands: dict              # {component: the command that writes this kind's file of that component}
+    computed_by: str            # "forward" (activations), "backward" (one gradient per token), "ig" (IG passes)
+    per_layer: bool = False     # one value per layer ([T, L]) instead of one per unit ([T, L, units])
+
+
+def _scores_script(kind: str) -> dict:
+    return {comp: f"{SCORES_SCRIPT} --metric {kind}" for comp in COMPONENTS}
+
+
+KINDS = {k.name: k for k in (
+    ScoreKind("magnitude", "magnitude", MAGNITUDE_SCRIPTS, "forward"),
+    ScoreKind("gradient", "ig", _scores_script("gradient"), "backward"),
+    ScoreKind("gxo", "ig", _scores_script("gxo"), "backward"),
+    ScoreKind("ig", "ig", _scores_script("ig"), "ig"),
+    # written whenever gradient or gxo is; its command names gxo, which cor_gxo (its reader) needs as well
+    ScoreKind("grad_norm", "ig", _scores_script("gxo"), "backward", per_layer=True),
+)}
+SCORE_KINDS = tuple(KINDS)
+
+
+def _score_entry(kind: ScoreKind, comp: str) -> Artifact:
     units = "H" if comp == ATTN else "I"
-    if kind == "magnitude":
-        return Artifact(f"magnitude_{comp}", f"magnitude/magnitude_{comp}_list.pt", MAGNITUDE_SCRIPTS[comp],
-                        f"list of float32 [T, L, {units}] per sample", kind, comp)
-    # grad_norm is written whenever gradient or gxo is; name gxo, which cor_gxo (its reader) needs as well
-    metric = "gxo" if kind == "grad_norm" else kind
-    dims = "[T, L]" if kind == "grad_norm" else f"[T, L, {units}]"
-    shape = f"list of float32 {dims} per sample"
-    return Artifact(f"{kind}_{comp}", f"ig/{kind}_{comp}_list.pt", f"{SCORES_SCRIPT} --metric {metric}", shape,
-                    kind, comp)
+    dims = "[T, L]" if kind.per_layer else f"[T, L, {units}]"
+    return Artifact(f"{kind.name}_{comp}", f"{kind.folder}/{kind.name}_{comp}_list.pt", kind.commands[comp],
+                    f"list of float32 {dims} per sample", kind.name, comp)
 
 
 LABELS = Artifact("labels", "labels.json", LABELS_SCRIPT,
                   "label texts and token ids, prompt token ids, sample ids, questions, references, settings, run_id")
-SCORES = {(kind, comp): _score_entry(kind, comp) for kind in SCORE_KINDS for comp in COMPONENTS}
+SCORES = {(kind.name, comp): _score_entry(kind, comp) for kind in KINDS.values() for comp in COMPONENTS}
 SWEEP_RESULTS = Artifact("results", f"{SWEEP_DIR}/results.json", SWEEP_SCRIPT,
                          "per metric, source and ratio: activation ratio and quality; written last")
 REGISTRY = {a.name: a for a in (LABELS, *SCORES.values(), SWEEP_RESULTS)}

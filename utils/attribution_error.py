@@ -8,10 +8,12 @@ so ``delta_loss = CE(row) - CE(dense row)`` is the true cost of removing that un
 sweep's masks act on the same position).  Steps t >= 1 only: step 0 is never masked in the sweep, and
 there the scores describe only the last of the prompt positions a mask would act on.
 
-Predicted removal cost of each metric (METHOD §4, in loss units where the metric has them):
-``-d·gxo`` (heads) / ``-gxo`` (neurons); cor_gxo its keep-score ``-d·gxo + ½‖x‖‖∇_layer‖``; ``-d·ig``;
-``-d·gradient``; magnitude ``‖x‖``.  The agreement is Spearman's rank correlation per metric and
-component (it is what decides a mask: only the order of the scores matters within a step and layer).
+Predicted removal cost of each metric (METHOD §4, in loss units where the metric has them), as its
+declaration in utils/metric_registry.py says (``removal_cost``): ``-d·gxo`` (heads) / ``-gxo`` (neurons);
+cor_gxo its keep-score ``-d·gxo + ½‖x‖‖∇_layer‖``; ``-d·ig``; ``-d·gradient``; magnitude ``‖x‖``.  A metric
+declared without a removal cost (snip, wina) is not studied.  The agreement is Spearman's rank
+correlation per metric and component (it is what decides a mask: only the order of the scores matters
+within a step and layer).
 """
 from __future__ import annotations
 
@@ -27,11 +29,9 @@ from .errors import PipelineError
 from .io import save_figure, write_json
 from .kv_cache import cache_argument_name, detach_cache_, forward_kwargs, output_cache, repeated_cache
 from .masks import ranking
+from .metric_registry import get_metric, studied_metrics
 from .sites import ATTN, COMPONENTS, SiteHooks
-from .units import head_sum
 
-ERROR_METRICS = ("gxo", "cor_gxo", "ig", "gradient", "magnitude")
-_TIMES_D = ("gradient", "gxo", "ig")      # per-head means: times d gives the head's summed first-order term
 OUTPUT_DIR = "attribution_error"
 
 
@@ -70,8 +70,11 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 # -- one sample ---------------------------------------------------------------------------------------
 def predicted_costs(metric: str, comp: str, scores: dict, head_dim: int) -> torch.Tensor:
     """``[T, L, units]``: the removal cost ``metric`` predicts for every unit of one sample."""
-    keep = ranking(metric, comp, scores, head_dim, "paper")
-    return head_sum(comp, keep, head_dim) if metric in _TIMES_D else keep
+    cost = get_metric(metric).removal_cost
+    if cost is None:
+        raise PipelineError(f"the {metric} metric predicts no removal cost; study one of "
+                            f"{', '.join(studied_metrics())}")
+    return cost.of(comp, ranking(metric, comp, scores, head_dim, "paper"), head_dim)
 
 
 def choose_units(layout, label_len: int, num_units: int, num_steps: int, seed: int, index: int):
@@ -200,7 +203,7 @@ def measure_attribution_error(run, per_metric: dict, *, num_units: int, num_step
     """Write ``rows.json``, ``summary.json`` and ``scatter.png/.pdf`` under ``<result>/attribution_error/``
     and return the summary (None in the processes other than the first under torchrun)."""
     out_dir = run.paths.root / OUTPUT_DIR
-    metrics = [m for m in ERROR_METRICS if m in per_metric]
+    metrics = [m for m in studied_metrics() if m in per_metric]
     counts = {m: min(len(lst) for kinds in per_metric[m].values() for lst in kinds.values()) for m in metrics}
     settings = {"num_units": num_units, "steps": num_steps, "seed": seed, "num_data": run.num_data,
                 "metrics": metrics, "metric_samples": counts}

@@ -1,5 +1,5 @@
-"""From scores to masks (METHOD §4-5): ranking per metric, per-step per-layer thresholds, and the
-activation ratio weighted by the parameters each unit uses."""
+"""From scores to masks (METHOD §4-5): ranking per metric (each metric declared in utils/metric_registry.py),
+per-step per-layer thresholds, and the activation ratio weighted by the parameters each unit uses."""
 from __future__ import annotations
 
 import math
@@ -9,45 +9,39 @@ import torch
 
 from .architecture import weight_out_in
 from .errors import PipelineError
+from .metric_registry import get_metric
 from .sites import ATTN, MLP, ModelLayout
-from .units import head_sum
 
-METRIC_NAMES = ("magnitude", "gradient", "gxo", "snip", "cor_gxo", "ig", "wina")
-COR_GXO_VARIANTS = ("paper", "released")
 DEFAULT_RATIOS = tuple(k / 10 for k in range(10))
-
-
-def files_needed(metric_name: str) -> list[str]:
-    """Score kinds (as in the file names) a metric's ranking reads."""
-    return {"magnitude": ["magnitude"], "gradient": ["gradient"], "gxo": ["gxo"], "snip": ["gxo"],
-            "ig": ["ig"], "cor_gxo": ["gxo", "magnitude", "grad_norm", "gradient"],
-            "wina": ["magnitude"]}[metric_name]
 
 
 def ranking(metric_name: str, comp: str, s: dict, head_dim: int, variant: str = "paper") -> torch.Tensor:
     """Keep-scores ``[T, L, units]`` (higher = keep) of one component from its score tensors ``s``
-    (keys: magnitude, gradient, gxo, ig ``[T, L, units]``; grad_norm ``[T, L]``; for wina also
-    out_norm ``[L, units]``, from :func:`output_weight_norms`)."""
-    if metric_name == "magnitude":
-        return s["magnitude"]
-    if metric_name == "wina":
-        if "out_norm" not in s:
-            raise PipelineError("the wina metric needs the output projections' column norms (out_norm)")
-        # WINA's weight-informed magnitude: what the unit can add to the residual stream
-        return s["magnitude"] * s["out_norm"].to(s["magnitude"].device, s["magnitude"].dtype)
-    if metric_name in ("gradient", "gxo", "ig"):
-        return -s[metric_name]  # -score: first-order estimate of the loss increase on removal
-    if metric_name == "snip":
-        return s["gxo"].abs()
-    if metric_name == "cor_gxo":
-        if variant not in COR_GXO_VARIANTS:
-            raise PipelineError(f"unknown --cor_gxo_variant {variant!r}; choose {', '.join(COR_GXO_VARIANTS)}")
-        if variant == "released" and comp == ATTN:
-            # the released code: per-head means, with the norm of the per-head mean gradients
-            return -s["gxo"] + 0.5 * s["magnitude"] * s["gradient"].norm(dim=-1, keepdim=True)
-        # -g·x (summed over the head's dims) plus half the paper's bound on the inter-layer error
-        return -head_sum(comp, s["gxo"], head_dim) + 0.5 * s["magnitude"] * s["grad_norm"][..., None]
-    raise PipelineError(f"unknown metric {metric_name!r}; choose one of {', '.join(METRIC_NAMES)}")
+    (keys: the metric's score kinds, ``[T, L, units]``, grad_norm ``[T, L]``; for a metric that needs
+    weights also out_norm ``[L, units]``, from :func:`output_weight_norms`): the metric's declared
+    keep-score (utils/metric_registry.py)."""
+    return get_metric(metric_name).keep(comp, s, head_dim, variant)
+
+
+@dataclass(frozen=True)
+class RankInputs:
+    """What a ranking needs besides the score files, in one object: the head width (per-head sums), the
+    cor_gxo variant and, where a metric needs weights, the output projections' norms ``{comp: [L, units]}``."""
+    head_dim: int
+    variant: str = "paper"
+    out_norms: dict | None = None
+
+    @classmethod
+    def of(cls, layout: ModelLayout, metrics, variant: str = "paper") -> "RankInputs":
+        """For ``metrics`` on the model of ``layout``: the weight norms only when one of them needs them."""
+        weights = any(get_metric(m).needs_weights for m in metrics)
+        return cls(layout.head_dim, variant, output_weight_norms(layout) if weights else None)
+
+    def rank(self, metric_name: str, comp: str, s: dict) -> torch.Tensor:
+        """:func:`ranking` of one component's score tensors ``s`` (the metric's kinds)."""
+        if get_metric(metric_name).needs_weights and self.out_norms is not None:
+            s = {**s, "out_norm": self.out_norms[comp]}
+        return ranking(metric_name, comp, s, self.head_dim, self.variant)
 
 
 def output_weight_norms(layout: ModelLayout) -> dict:

@@ -10,18 +10,26 @@ import matplotlib
 matplotlib.use("Agg")  # scripts run headless
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .artifacts import KINDS  # noqa: E402
 from .errors import PipelineError  # noqa: E402
 from .io import read_json, save_figure  # noqa: E402
+from .metric_registry import METRICS  # noqa: E402
+from .sources import SOURCES, label_free_sources  # noqa: E402
 
-STYLE = {"magnitude": ("tab:gray", "o"), "gradient": ("tab:orange", "v"), "gxo": ("tab:blue", "s"),
-         "snip": ("tab:purple", "^"), "cor_gxo": ("tab:red", "D"), "ig": ("tab:green", "P"),
-         "wina": ("tab:brown", "X")}
-LABEL = {"magnitude": "Magnitude", "gradient": "Gradient", "gxo": "GxO", "snip": "SNIP |GxO|",
-         "cor_gxo": "Corrected GxO", "ig": "Integrated gradients", "wina": "WINA"}
-SOURCE_TITLE = {"oracle": "oracle (per token, dense label)", "prompt": "prompt (one mask per request)",
-                "static": "static (calibrated, one mask)"}
 MEASURE_LABEL = {"bleu": "BLEU against the dense output", "token_agreement": "token agreement with the dense output",
                  "kl": "KL(dense || masked), nats per token", "ppl": "perplexity of the dense label"}
+
+
+def _metric_style(metric: str) -> tuple:
+    """(legend label, colour, marker) of a metric's curves, as declared (a metric no longer declared, from
+    an older results file: its name, matplotlib's next colour, circles)."""
+    declared = METRICS.get(metric)
+    return (declared.label, declared.color, declared.marker) if declared else (metric, None, "o")
+
+
+def _reads_ig(metric: str) -> bool:
+    declared = METRICS.get(metric)
+    return declared is not None and any(KINDS[k].computed_by == "ig" for k in declared.kinds)
 
 
 def _title(results: dict) -> str:
@@ -35,7 +43,7 @@ def _title(results: dict) -> str:
             value = Path(value).name
         names.append(value)
     parts = [p for p in names if p] + [f"{settings.get('num_data', '?')} samples"]
-    if settings.get("ig_n_steps") and any(c.get("metric") == "ig" for c in results["curves"].values()):
+    if settings.get("ig_n_steps") and any(_reads_ig(c.get("metric")) for c in results["curves"].values()):
         parts.append(f"IG-{settings['ig_n_steps']}")
     return ", ".join(parts)
 
@@ -47,7 +55,8 @@ def _curve_metric_source(key: str, curve: dict) -> tuple[str, str]:
 
 def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
     """Write ``stem.png`` and ``stem.pdf``: activation ratio (x) against ``measure`` (y), one curve per
-    metric, one panel per mask source.  ``(n=…)`` marks a curve with fewer samples than the most."""
+    metric, one panel per mask source.  A curve with fewer samples than the most is set apart (see
+    :func:`_fewer_samples_style`); its numbers stay in the result files."""
     curves = results["curves"]
     sources = list(dict.fromkeys(_curve_metric_source(k, c)[1] for k, c in curves.items()))
     most = max(c["samples"] for c in curves.values())
@@ -60,13 +69,14 @@ def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
                 continue
             pts = sorted((p for p in curve["points"] if p.get(measure) is not None
                           and not math.isnan(p[measure])), key=lambda p: p["activation_ratio"])
-            color, marker = STYLE.get(metric, (None, "o"))
-            label = LABEL.get(metric, metric) + ("" if curve["samples"] == most else f" (n={curve['samples']})")
-            ax.plot([p["activation_ratio"] for p in pts], [p[measure] for p in pts], marker=marker, color=color,
-                    label=label, linewidth=1.5, markersize=4)
+            label, color, marker = _metric_style(metric)
+            style = {"marker": marker, "color": color, "linewidth": 1.5, "markersize": 4}
+            if curve["samples"] < most:
+                label, style = _fewer_samples_style(label, style, curve["samples"])
+            ax.plot([p["activation_ratio"] for p in pts], [p[measure] for p in pts], label=label, **style)
         ax.set_xlabel("activation ratio (share of head + neuron parameters kept)", fontsize=8 if len(sources) > 1 else 10)
         if len(sources) > 1 or source != "oracle":
-            ax.set_title(SOURCE_TITLE.get(source, source), fontsize=9)
+            ax.set_title(SOURCES[source].title if source in SOURCES else source, fontsize=9)
         ax.set_xlim(0, 1.02)
         if measure == "ppl":
             ax.set_yscale("log")
@@ -76,9 +86,32 @@ def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(MEASURE_LABEL.get(measure, measure))
     fig.suptitle(_title(results), fontsize=10)
+    fewer = sorted({c["samples"] for c in curves.values() if c["samples"] < most})
+    if fewer:
+        fig.text(0.5, -0.01, _fewer_samples_note(fewer, most), ha="center", va="top", fontsize=7, color="0.3")
     for suffix in (".png", ".pdf"):
         save_figure(fig, Path(str(stem) + suffix))
     plt.close(fig)
+
+
+# A curve on fewer samples than the others (the quick start's IG: 1 of 8 questions) is not comparable with
+# them: at one sample a masked answer either matches the label or not, so its BLEU jumps between 0 and 100
+# across neighbouring ratios.  It stays in the figure (and in every result file) but is drawn thin, dashed
+# and faded, its legend entry says how many samples it has, and a note under the figure says what that
+# means and where comparable curves are.
+def _fewer_samples_style(label: str, style: dict, samples: int) -> tuple[str, dict]:
+    label += " (n=1, noise)" if samples == 1 else f" (n={samples})"
+    return label, {**style, "linestyle": "--", "linewidth": 0.9, "markersize": 3, "alpha": 0.45}
+
+
+def _fewer_samples_note(fewer: list[int], most: int) -> str:
+    lines = [f"dashed, faded: fewer samples than the other curves (n={most}), so not comparable with them.",
+             "Curves on 100 samples per model and task: RESULTS.md.",
+             "More samples for this run: the metric's score step with a larger --num_data "
+             "(run_pipeline.py --ig_num_data for IG)."]
+    if 1 in fewer:
+        lines[1] = f"A curve on 1 sample is noise, not a result. {lines[1]}"
+    return "\n".join(lines)
 
 
 def speedup_at(rows: list[dict], kept: float) -> float:
@@ -130,15 +163,14 @@ def load_speed_rows(bench_json) -> dict:
     return groups
 
 
-def plot_speed_quality(results: dict, bench_json, stem: Path, measure: str = "bleu",
-                       sources=("prompt", "static")) -> None:
+def plot_speed_quality(results: dict, bench_json, stem: Path, measure: str = "bleu", sources=None) -> None:
     """Write ``stem.png``/``.pdf``: ``measure`` (y) against measured decode speed-up (x), the speed-up of
     each point interpolated at its activation ratio; one panel per (device, batch) of the benchmark, one
-    line style per mask source.  Only ``sources`` are drawn: by default the label-free ones, whose one mask
-    per request is what the sparse model removes (an oracle mask changes every token and needs the answer,
-    so no sparse model runs it)."""
+    line style per mask source.  Only ``sources`` are drawn: by default (None) the label-free ones, whose one
+    mask per request is what the sparse model removes (an oracle mask changes every token and needs the
+    answer, so no sparse model runs it)."""
     groups = load_speed_rows(bench_json)
-    dashes = {"oracle": "-", "prompt": "--", "static": ":"}
+    sources = label_free_sources() if sources is None else sources
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.4), sharey=True, squeeze=False)
     for ax, ((device, batch), rows) in zip(axes[0], sorted(groups.items(), key=lambda g: str(g[0]))):
         for key, curve in results["curves"].items():
@@ -147,9 +179,10 @@ def plot_speed_quality(results: dict, bench_json, stem: Path, measure: str = "bl
                 continue
             pts = [p for p in curve["points"] if p.get(measure) is not None and not math.isnan(p[measure])]
             xs = [speedup_at(rows, p["activation_ratio"]) for p in pts]
-            color, marker = STYLE.get(metric, (None, "o"))
-            ax.plot(xs, [p[measure] for p in pts], linestyle=dashes.get(source, "-"), color=color, marker=marker,
-                    markersize=4, linewidth=1.3, label=f"{LABEL.get(metric, metric)} ({source})")
+            label, color, marker = _metric_style(metric)
+            linestyle = SOURCES[source].linestyle if source in SOURCES else "-"
+            ax.plot(xs, [p[measure] for p in pts], linestyle=linestyle, color=color, marker=marker,
+                    markersize=4, linewidth=1.3, label=f"{label} ({source})")
         ax.set_title(f"{device}, batch {batch}", fontsize=9)
         ax.set_xlabel("measured decode speed-up over dense (×)")
         ax.grid(alpha=0.3)

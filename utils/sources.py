@@ -1,21 +1,100 @@
-"""Where a mask's scores come from (METHOD §7): ``oracle`` (per token, against the dense label),
-``prompt`` (one mask per request from the prompt's step alone) and ``static`` (one mask for every input,
-calibrated on other samples)."""
+"""Where a mask's scores come from (METHOD §7), each source declared once in :data:`SOURCES`: ``oracle`` (per
+token, against the dense label), ``prompt`` (one mask per request from the prompt's step alone) and
+``static`` (one mask for every input, calibrated on other samples).  The sweep, run_pipeline.py, the figures
+and the ``--help`` texts read the declarations; a new source is one :class:`Source` plus its
+``keep_scores`` function."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .artifacts import score_key
+from .artifacts import KINDS, score_key
 from .errors import PipelineError
-from .masks import files_needed, keep_masks, output_weight_norms, ranking
+from .masks import RankInputs, keep_masks
+from .metric_registry import get_metric
 from .sites import COMPONENTS
 
-SOURCES = ("oracle", "prompt", "static")
-DEFAULT_CALIB_NUM_DATA = 100   # calibration samples of the static source (indices N .. N+M-1)
+DEFAULT_CALIB_NUM_DATA = 100   # calibration samples of a source that needs them (indices N .. N+M-1)
+
+# keep_scores(rank, calibrated) -> the keep-scores a source thresholds: ``[T, L, units]`` (one mask per step)
+# or ``[1, L, units]`` (one mask for every step).  ``rank``: one sample's per-step keep-scores ``[T, L, units]``;
+# ``calibrated``: the mean keep-score ``[L, units]`` over the calibration samples (None unless the source
+# needs calibration).
+SourceScores = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    keep_scores: SourceScores
+    help: str                      # main.py's --help: where its masks come from
+    title: str                     # the trade-off figure's panel title
+    linestyle: str                 # its lines in the speed figure
+    uses_label: bool = False       # its masks read the dense label's per-token scores (so no deployment runs it)
+    needs_calibration: bool = False   # it reads the mean keep-score over samples N .. N+M-1 (--calib_num_data)
+
+
+def _per_step(rank, calibrated):
+    return rank
+
+
+def _prompt_step(rank, calibrated):
+    # step 0 scores the prompt alone (its target is the model's own greedy token): what a request has
+    return rank[:1]
+
+
+def _calibrated(rank, calibrated):
+    return calibrated[None].to(rank.device)
+
+
+# declaration order is the order of the sweep's curves (sources outer, metrics inner) and of the panels
+SOURCES: dict[str, Source] = {s.name: s for s in (
+    Source("oracle", _per_step, "per token, against the dense label", "oracle (per token, dense label)", "-",
+           uses_label=True),
+    Source("prompt", _prompt_step, "one mask per request from the prompt's step", "prompt (one mask per request)",
+           "--"),
+    Source("static", _calibrated, "one mask calibrated on samples N .. N+M-1, N = --num_data, M = --calib_num_data",
+           "static (calibrated, one mask)", ":", needs_calibration=True),
+)}
+
+
+def register_source(source: Source) -> Source:
+    """Add a source after the built-in ones (a plug-in, or a test's toy source); its name must be new."""
+    if source.name in SOURCES or source.name == "all":
+        raise PipelineError(f"a mask source named {source.name!r} is already declared; give the new one another name")
+    SOURCES[source.name] = source
+    return source
+
+
+def unregister_source(name: str) -> None:
+    """Remove a source :func:`register_source` added."""
+    SOURCES.pop(name, None)
+
+
+def source_names() -> tuple:
+    return tuple(SOURCES)
+
+
+def get_source(name: str) -> Source:
+    if name not in SOURCES:
+        raise PipelineError(f"unknown source {name!r}; choose from {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
+def calibrated_sources() -> tuple:
+    """The sources that need calibration samples (--calib_num_data)."""
+    return tuple(s.name for s in SOURCES.values() if s.needs_calibration)
+
+
+def label_free_sources() -> tuple:
+    """The sources whose one mask per request a sparse model can deploy (they need no label)."""
+    return tuple(s.name for s in SOURCES.values() if not s.uses_label)
 
 
 def parse_sources(names) -> list[str]:
-    """``--source`` values -> the sources in canonical order; ``all`` means all three."""
+    """``--source`` values -> the sources in declaration order; ``all`` means every one."""
     names = list(names)
     if "all" in names:
         return list(SOURCES)
@@ -29,30 +108,22 @@ def parse_sources(names) -> list[str]:
 
 
 def curve_key(metric: str, source: str) -> str:
-    """The name of a (metric, source) curve in the result files: the bare metric for ``oracle`` (today's
-    names), ``metric@source`` otherwise."""
+    """The name of a (metric, source) curve in the result files: the bare metric for ``oracle`` (the names
+    of the sweeps from before the label-free sources), ``metric@source`` otherwise."""
     return metric if source == "oracle" else f"{metric}@{source}"
 
 
-def source_keep_masks(source: str, rank: torch.Tensor, ratios, static_rank: torch.Tensor | None = None):
+def source_keep_masks(source: str, rank: torch.Tensor, ratios, calibrated: torch.Tensor | None = None):
     """Bool keep-masks ``[R, T, L, units]`` of one component and sample from its per-step keep-scores
-    ``rank`` ``[T, L, units]``: per step (oracle), from step 0's row for every step (prompt), or from the
-    calibrated mean ``static_rank`` ``[L, units]`` for every step (static).  Step 0 itself always runs
-    dense (masked generation never masks it), so its row only matters to the oracle's bookkeeping."""
-    T = rank.shape[0]
-    if source == "oracle":
-        return keep_masks(rank, ratios)
-    if source == "prompt":
-        base = rank[:1]
-    elif source == "static":
-        base = static_rank[None].to(rank.device)
-    else:
-        raise PipelineError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
-    return keep_masks(base, ratios).expand(-1, T, -1, -1)
+    ``rank`` ``[T, L, units]``, thresholding what the source declares: per step (oracle), step 0's row for
+    every step (prompt), or the calibrated mean ``calibrated`` ``[L, units]`` for every step (static).  Step 0
+    itself always runs dense (masked generation never masks it), so its row only matters to the oracle's
+    bookkeeping."""
+    base = get_source(source).keep_scores(rank, calibrated)
+    return keep_masks(base, ratios).expand(-1, rank.shape[0], -1, -1)
 
 
-def static_keep_scores(per_metric: dict, metric: str, samples, head_dim: int, variant: str = "paper",
-                       out_norm: dict | None = None) -> dict:
+def calibrated_keep_scores(per_metric: dict, metric: str, samples, inputs: RankInputs) -> dict:
     """``{comp: [L, units]}``: the metric's keep-score (METHOD §4) averaged over every step of every
     calibration sample in ``samples`` (token-weighted: each step counts once)."""
     out = {}
@@ -60,9 +131,7 @@ def static_keep_scores(per_metric: dict, metric: str, samples, head_dim: int, va
         total, steps = None, 0
         for i in samples:
             s = {kind: lst[i] for kind, lst in per_metric[comp].items()}
-            if out_norm is not None:
-                s["out_norm"] = out_norm[comp]
-            rank = ranking(metric, comp, s, head_dim, variant).double()
+            rank = inputs.rank(metric, comp, s).double()
             part = rank.sum(0)
             total = part if total is None else total + part
             steps += rank.shape[0]
@@ -82,9 +151,10 @@ def prompt_scores(model, prompt_ids: torch.Tensor, metric: str, *, variant: str 
     label[0] is that same greedy token."""
     from .attribution import Attributor
 
-    kinds = files_needed(metric)
-    if "ig" in kinds and ig_steps < 1:
-        raise PipelineError("the ig metric needs ig_steps >= 1 (the IG steps of its score files)")
+    kinds = get_metric(metric).kinds
+    passes = {KINDS[kind].computed_by for kind in kinds}
+    if "ig" in passes and ig_steps < 1:
+        raise PipelineError(f"the {metric} metric needs ig_steps >= 1 (the IG steps of its score files)")
     device = next(model.parameters()).device
     prompt_ids = prompt_ids.to(device)
     with torch.no_grad():
@@ -92,17 +162,12 @@ def prompt_scores(model, prompt_ids: torch.Tensor, metric: str, *, variant: str 
     own = attributor is None
     attributor = attributor or Attributor(model)
     try:
-        raw = attributor.score_sample(prompt_ids, [target], gradients=bool({"gradient", "gxo", "grad_norm"} & set(kinds)),
-                                      ig_steps=ig_steps if "ig" in kinds else 0, batch_size=batch_size,
+        raw = attributor.score_sample(prompt_ids, [target], gradients="backward" in passes,
+                                      ig_steps=ig_steps if "ig" in passes else 0, batch_size=batch_size,
                                       step_mode="cached")
     finally:
         if own:
             attributor.close()
-    norms = output_weight_norms(attributor.layout) if metric == "wina" else None
-    out = {}
-    for comp in COMPONENTS:
-        s = {kind: raw[score_key(kind, comp)] for kind in kinds}
-        if norms is not None:
-            s["out_norm"] = norms[comp]
-        out[comp] = ranking(metric, comp, s, attributor.layout.head_dim, variant)[0]
-    return out
+    inputs = RankInputs.of(attributor.layout, [metric], variant)
+    return {comp: inputs.rank(metric, comp, {kind: raw[score_key(kind, comp)] for kind in kinds})[0]
+            for comp in COMPONENTS}

@@ -1,6 +1,7 @@
 """Quality of a masked generation against the dense label: BLEU and token agreement of the decoded
 output, and (teacher-forced, no decoding) the KL divergence from the dense model and the perplexity of
-the label."""
+the label.  These are the quality *measures* (``--plot_metric``); the *metrics* that rank units are
+declared in utils/metric_registry.py."""
 from __future__ import annotations
 
 import sacrebleu
@@ -8,6 +9,8 @@ import torch
 
 from .kv_cache import cache_argument_name, forward_kwargs, output_cache, repeated_cache
 from .sites import ATTN, MLP, SiteHooks
+
+MEASURES = ("bleu", "token_agreement", "kl", "ppl")   # every sweep row has them; the trade-off figure plots any
 
 
 def bleu(hypothesis: str, reference: str) -> float:
