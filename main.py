@@ -5,7 +5,7 @@ agreement, teacher-forced KL and perplexity, and the activation ratio -> result/
 prompt (one mask per request from the prompt's step), static (one mask calibrated on samples
 N .. N+M-1, N = --num_data, M = --calib_num_data)."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
-from utils.errors import cli_entry
+from utils.cli import cli_entry
 from utils.flags import Parser, add_location_flags, add_run_flags, at_least, at_least_one
 from utils.masks import COR_GXO_VARIANTS, DEFAULT_RATIOS, METRIC_NAMES, parse_layers
 from utils.run import open_run

@@ -20,8 +20,9 @@ import Mag_attention
 import Mag_mlp
 import main as sweep_main
 from utils.data import load_samples, samples_fingerprint
+from utils.cli import cli_entry
 from utils.distributed import current_shard, lock_result_dir
-from utils.errors import PipelineError, cli_entry
+from utils.errors import PipelineError
 from utils.flags import HELP, Parser
 from utils.models import OFFLINE_MODEL
 from utils.prompts import PROMPT_FORMATS
