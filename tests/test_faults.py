@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QA_ROWS, write_qa_file
-from test_errors import ENV, ROOT, fails, files_under, in_process, run_copy, scored, snapshot  # noqa: F401
+from conftest import ENV, QA_ROWS, ROOT, fails, files_under, in_process, snapshot, write_qa_file
 from utils.errors import PipelineError
 
 
