@@ -170,6 +170,46 @@ def fails(script: str, *args) -> str:
     return lines[0]
 
 
+def exits_2(capsys, module: str, *args) -> str:
+    """Run a script's ``main`` in this process; it must exit 2 with one ``error:`` line on stderr."""
+    with pytest.raises(SystemExit) as info:
+        in_process(module, *args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# The script run as its command line would run it, except that after saving its first sample it says
+# "saved <index>" and waits: a test can then act while the step is certainly mid-way (no race with the
+# step's speed, however slow or fast the host).  SIGINT raises KeyboardInterrupt as in a terminal's
+# foreground process: a suite started in the background (``bash .ci/run &``) inherits SIGINT ignored.
+_PAUSED_CHILD = """
+import runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.path.insert(0, {root!r})
+sys.argv = {argv!r}
+from utils.io import SampleCheckpoint
+save = SampleCheckpoint.save
+
+def save_then_wait(self, index, value):
+    save(self, index, value)
+    print("saved", index, flush=True)
+    time.sleep(600)
+
+SampleCheckpoint.save = save_then_wait
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def start_paused(script: str, *args) -> subprocess.Popen:
+    """Start ``python script args`` as a subprocess that pauses after its first saved sample; read its
+    ``stdout.readline()`` to wait for that."""
+    code = _PAUSED_CHILD.format(root=str(ROOT), argv=[script, *map(str, args)])
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def snapshot(root: Path) -> dict:
     """Every file under ``root`` with its bytes (to prove a refused command changed nothing); the folder
     lock ``.lock`` (it names whoever holds it) is not a result."""

@@ -153,6 +153,23 @@ def test_run_pipeline_done_check_uses_the_step_constants(edited_constants, monke
     assert not done("labels", replanned) and not done("head magnitudes", replanned)
 
 
+def test_run_pipeline_runs_the_steps_not_done_and_every_step_with_redo(tmp_path, qa_file, monkeypatch, capsys):
+    ran = []
+    for module in {s.script for s in run_pipeline.plan(run_pipeline.parse(["--num_data", "2"]))[0]}:
+        monkeypatch.setattr(module, "main", lambda argv, m=module: ran.append(m.__name__))
+    done = {"labels", "gradient + gxo", "sweep + figure"}
+    monkeypatch.setattr(run_pipeline.Step, "is_done", lambda step, on_disk: step.name in done)
+    args = ["--dataset", qa_file, "--num_data", "2", "--device", "cpu", "--result_dir", tmp_path / "r"]
+    run_pipeline.main(list(map(str, args)))
+    assert ran == ["folder_creation", "Mag_attention", "Mag_mlp", "attribution_attention"]   # IG not done
+    assert capsys.readouterr().out.count("its files are complete for this run; skipped") == 3
+    ran.clear()
+    run_pipeline.main(list(map(str, args + ["--redo"])))
+    assert ran == ["folder_creation", "label_generation", "Mag_attention", "Mag_mlp", "attribution_attention",
+                   "attribution_attention", "main"]
+    assert "skipped" not in capsys.readouterr().out
+
+
 def test_every_pipeline_step_says_when_it_is_done():
     """A step without a done check cannot be made (it is not silently 'never done')."""
     steps, _ = run_pipeline.plan(run_pipeline.parse(["--num_data", "2"]))
