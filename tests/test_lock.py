@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, exits_2, fails, in_process, start_paused, write_questions
 
-IG = ["attribution_attention.py", "--metric", "ig", "--n_steps", "12", "--batch_size", "2", "--device", "cpu"]
+IG = ["attribution_attention.py", "--metric", "ig", "--n_steps", "3", "--device", "cpu"]
 
 
 def test_second_process_is_refused_while_a_step_runs(tmp_path, tiny_model_dirs, capsys):
@@ -28,8 +28,9 @@ def test_second_process_is_refused_while_a_step_runs(tmp_path, tiny_model_dirs, 
         # the case of the issue: another IG with other settings would have mixed its samples in
         msg = fails(*IG[:3], "--n_steps", "1", "--device", "cpu", "--result_dir", result)
         assert msg.startswith(f"error: result folder {result} is in use by pid {first.pid} on ")
-        assert msg.endswith("(attribution_attention.py --metric ig --n_steps 12 --batch_size 2 --device cpu "
-                            f"--result_dir {result}); wait for it to finish (or stop it), or use another --result_dir")
+        assert msg.endswith(f"(attribution_attention.py --metric ig --n_steps 3 --device cpu --result_dir {result}); "
+                            "wait for it to finish (or stop it), or use another --result_dir")
+        capsys.readouterr()
         assert exits_2(capsys, "main", "--result_dir", result, "--device", "cpu").startswith(
             f"error: result folder {result} is in use by pid {first.pid} ")
         assert first.poll() is None, "the refused processes must not disturb the running one"
