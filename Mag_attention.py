@@ -1,7 +1,7 @@
 """Step 3a: head magnitudes ||x_h|| per generated token -> magnitude/magnitude_attention_list.pt."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
+from utils.cli import cli_entry
 from utils.distributed import current_shard
-from utils.errors import cli_entry
 from utils.flags import Parser, add_location_flags, add_run_flags
 from utils.run import open_run
 from utils.sites import ATTN

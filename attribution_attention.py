@@ -8,8 +8,9 @@ gradient and gxo for all layers come from one forward and one backward per token
 positions."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.attribution import SCORE_METRICS, STEP_MODES
+from utils.cli import cli_entry
 from utils.distributed import current_shard
-from utils.errors import PipelineError, cli_entry
+from utils.errors import PipelineError
 from utils.flags import Parser, add_location_flags, add_run_flags, at_least_one
 from utils.run import open_run
 from utils.sites import ATTN

@@ -5,7 +5,8 @@ cost each metric predicts (Spearman rank correlation per metric and component, a
 Needs labels.json and the score files (Mag_*.py, attribution_attention.py); resumes per sample."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.attribution_error import measure_attribution_error
-from utils.errors import PipelineError, cli_entry
+from utils.cli import cli_entry
+from utils.errors import PipelineError
 from utils.flags import Parser, add_location_flags, add_run_flags, at_least_one
 from utils.metric_registry import studied_metrics
 from utils.run import open_run

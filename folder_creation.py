@@ -1,6 +1,6 @@
 """Step 1: create result/<dataset>/{ig,magnitude,res/both}."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
-from utils.errors import cli_entry
+from utils.cli import cli_entry
 from utils.flags import Parser, add_location_flags
 from utils.run import result_paths
 from utils.steps import create_folders

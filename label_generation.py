@@ -2,7 +2,7 @@
 answer) -> result/<dataset>/labels.json.  Resumes where an interrupted run stopped.  Run with other
 settings (model, dataset or its content, --num_data, ...) it redoes the labels, saying so first, and moves
 the replaced run's scores and results to result/<dataset>/previous_runs/<run_id>/."""
-from utils.errors import cli_entry
+from utils.cli import cli_entry
 from utils.flags import Parser, add_label_flags, add_location_flags
 from utils.run import result_paths
 from utils.steps import generate_labels

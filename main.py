@@ -4,7 +4,7 @@ agreement, teacher-forced KL and perplexity, and the activation ratio -> result/
 (JSON, CSV, tradeoff.png/.pdf).  Metrics (METHOD §4): see --metric_name; mask sources (METHOD §7): see
 --source; quality measures: see --plot_metric."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
-from utils.errors import cli_entry
+from utils.cli import cli_entry
 from utils.flags import Parser, add_location_flags, add_run_flags, at_least, at_least_one
 from utils.masks import DEFAULT_RATIOS, parse_layers
 from utils.metric_registry import COR_GXO_VARIANTS, metric_names

@@ -12,6 +12,7 @@ steps that take it; a flag left out is left out of the steps' command lines too.
 """
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import attribution_attention
 import folder_creation
@@ -20,8 +21,9 @@ import Mag_attention
 import Mag_mlp
 import main as sweep_main
 from utils.data import load_samples, samples_fingerprint
+from utils.cli import cli_entry
 from utils.distributed import current_shard, lock_result_dir
-from utils.errors import PipelineError, cli_entry
+from utils.errors import PipelineError
 from utils.flags import HELP, Parser
 from utils.models import OFFLINE_MODEL
 from utils.prompts import PROMPT_FORMATS
@@ -93,12 +95,66 @@ def parse(argv=None):
     return args
 
 
+class OnDisk:
+    """What the done checks compare with: the run's files, the samples' fingerprint (an edited dataset
+    file redoes the labels) and the sweep's request."""
+
+    def __init__(self, paths, fingerprint: str, sweep: SweepRequest):
+        self.paths, self.fingerprint, self.sweep = paths, fingerprint, sweep
+
+    def labels(self):
+        """The labels on disk, or None; read when asked: the labels step may just have rewritten them."""
+        if not self.paths.labels.is_file():
+            return None
+        try:
+            return load_labels(self.paths.labels)
+        except PipelineError:
+            return None
+
+
 @dataclass
 class Step:
     name: str
     script: object        # the step's module (its main runs the step)
     argv: list
     args: object          # what the step's own parser makes of argv: the settings it will run with
+    # done(step, on_disk): its files are complete, readable and finite for this run.  Every step names
+    # its own (no default), so a step cannot be added without saying when it is done.
+    done: Callable[["Step", OnDisk], bool]
+
+    def is_done(self, on_disk: OnDisk) -> bool:
+        return self.done(self, on_disk)
+
+
+# -- the done checks: score steps compare with the labels on disk, so new labels redo everything after
+# them; a damaged or non-finite file is not done ------------------------------------------------------------
+def never_done(step: Step, on_disk: OnDisk) -> bool:
+    return False          # creating the folders is instant
+
+
+def labels_done_for(step: Step, on_disk: OnDisk) -> bool:
+    a = step.args
+    requested = {"model": a.model_name, "dataset": a.dataset, "num_data": a.num_data, "dtype": a.dtype,
+                 "seed": a.seed, "prompt_format": a.prompt_format, "samples_sha256": on_disk.fingerprint}
+    return labels_done(on_disk.paths.labels, requested)
+
+
+def scores_done_for(kinds: list[str], components=COMPONENTS):
+    """The done check of a score step writing ``kinds`` x ``components`` (its own --num_data, --n_steps)."""
+    def done(step: Step, on_disk: OnDisk) -> bool:
+        labels = on_disk.labels()
+        if labels is None:
+            return False
+        num = step.args.num_data or len(labels)
+        n_steps = step.args.n_steps if "ig" in kinds else None
+        return all(scores_done(on_disk.paths.score(k, c), labels.run_id, num, n_steps)
+                   for k in kinds for c in components)
+    return done
+
+
+def sweep_done_for(step: Step, on_disk: OnDisk) -> bool:
+    labels = on_disk.labels()
+    return labels is not None and sweep_done(on_disk.paths, labels.run_id, on_disk.sweep)
 
 
 def given(args, *names) -> list[str]:
@@ -126,61 +182,25 @@ def plan(args) -> tuple[list[Step], SweepRequest]:
                             f"{args.ig_num_data}); leave it out to run IG on every sample")
     batch = given(args, "batch_size")
     folder = given(args, "dataset", "result_dir")
-    steps = [Step("folders", folder_creation, folder, folder_creation.build_parser().parse_args(folder)),
-             Step("labels", label_generation, label_argv, label_generation.build_parser().parse_args(label_argv)),
-             Step("head magnitudes", Mag_attention, where, Mag_attention.build_parser().parse_args(where)),
-             Step("neuron magnitudes", Mag_mlp, where, Mag_mlp.build_parser().parse_args(where))]
+    steps = [Step("folders", folder_creation, folder, folder_creation.build_parser().parse_args(folder),
+                  never_done),
+             Step("labels", label_generation, label_argv, label_generation.build_parser().parse_args(label_argv),
+                  labels_done_for),
+             Step("head magnitudes", Mag_attention, where, Mag_attention.build_parser().parse_args(where),
+                  scores_done_for(["magnitude"], (ATTN,))),
+             Step("neuron magnitudes", Mag_mlp, where, Mag_mlp.build_parser().parse_args(where),
+                  scores_done_for(["magnitude"], (MLP,)))]
     grad_argv = where + ["--metric", "gradient", "gxo", *batch]
-    steps.append(Step("gradient + gxo", attribution_attention, grad_argv, attribution_attention.parse(grad_argv)))
+    steps.append(Step("gradient + gxo", attribution_attention, grad_argv, attribution_attention.parse(grad_argv),
+                      scores_done_for(["gradient", "gxo", "grad_norm"])))
     if not args.skip_ig:
         ig_argv = where + given(args, "n_steps") + ["--metric", "ig", *batch]
         if args.ig_num_data is not None:
             ig_argv += ["--num_data", str(args.ig_num_data)]
-        steps.append(Step("integrated gradients", attribution_attention, ig_argv, attribution_attention.parse(ig_argv)))
-    steps.append(Step("sweep + figure", sweep_main, sweep_argv, sweep_args))
+        steps.append(Step("integrated gradients", attribution_attention, ig_argv, attribution_attention.parse(ig_argv),
+                          scores_done_for(["ig"])))
+    steps.append(Step("sweep + figure", sweep_main, sweep_argv, sweep_args, sweep_done_for))
     return steps, request
-
-
-def done_check(args, steps: list[Step], paths, fingerprint: str, sweep: SweepRequest):
-    """Per step, a function telling whether its files are complete, readable and finite for this run
-    (nothing is skipped with --redo).  Score steps compare against the labels on disk, so new labels redo
-    everything after them; a damaged or non-finite file is recomputed."""
-    if args.redo:
-        return lambda name: False
-    by_name = {s.name: s.args for s in steps}
-
-    def current_labels():
-        if not paths.labels.is_file():     # read when asked: the labels step may just have rewritten it
-            return None
-        try:
-            return load_labels(paths.labels)
-        except PipelineError:
-            return None
-
-    def scored(step, kinds, comps=COMPONENTS):
-        labels = current_labels()
-        if labels is None:
-            return False
-        num = by_name[step].num_data or len(labels)
-        n_steps = by_name[step].n_steps if "ig" in kinds else None
-        return all(scores_done(paths.score(k, c), labels.run_id, num, n_steps) for k in kinds for c in comps)
-
-    def swept():
-        labels = current_labels()
-        return labels is not None and sweep_done(paths, labels.run_id, sweep)
-
-    lab = by_name["labels"]
-    requested = {"model": lab.model_name, "dataset": lab.dataset, "num_data": lab.num_data, "dtype": lab.dtype,
-                 "seed": lab.seed, "prompt_format": lab.prompt_format, "samples_sha256": fingerprint}
-    checks = {
-        "labels": lambda: labels_done(paths.labels, requested),
-        "head magnitudes": lambda: scored("head magnitudes", ["magnitude"], comps=(ATTN,)),
-        "neuron magnitudes": lambda: scored("neuron magnitudes", ["magnitude"], comps=(MLP,)),
-        "gradient + gxo": lambda: scored("gradient + gxo", ["gradient", "gxo", "grad_norm"]),
-        "integrated gradients": lambda: scored("integrated gradients", ["ig"]),
-        "sweep + figure": swept,
-    }
-    return lambda name: name in checks and checks[name]()
 
 
 @cli_entry
@@ -193,10 +213,10 @@ def main(argv=None):
     paths = result_paths(labels_args)
     lock_result_dir(paths.root)   # held across every step (the steps take it again: re-entrant)
     say = print if current_shard().is_main else (lambda *a, **k: None)   # torchrun: the first process reports
-    done = done_check(args, steps, paths, fingerprint, sweep)
+    on_disk = OnDisk(paths, fingerprint, sweep)
     start, took = time.time(), {}
     for i, step in enumerate(steps, 1):
-        if done(step.name):
+        if not args.redo and step.is_done(on_disk):
             say(f"\n[{i}/{len(steps)}] {step.name}: its files are complete for this run; skipped (--redo recomputes)")
             continue
         say(f"\n[{i}/{len(steps)}] {step.name}  ({time.time() - start:.0f}s so far)", flush=True)

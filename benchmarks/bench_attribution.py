@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # reference.py: test-only code
 from transformers import PhiConfig, PhiForCausalLM  # noqa: E402
 
+from reference import reference_scores  # noqa: E402
 from utils.attribution import Attributor  # noqa: E402
-from utils.reference import reference_scores  # noqa: E402
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

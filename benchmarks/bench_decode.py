@@ -39,7 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.decode import COMPILE_MODES, GreedyDecoder, fuse_projections  # noqa: E402
-from utils.errors import PipelineError, cli_entry  # noqa: E402
+from utils.cli import cli_entry  # noqa: E402
+from utils.errors import PipelineError  # noqa: E402
 from utils.io import write_json  # noqa: E402
 from utils.roofline import bytes_per_token, floor_fields, kernel_breakdown, read_bandwidth  # noqa: E402
 from utils.models import OFFLINE_MODEL, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402

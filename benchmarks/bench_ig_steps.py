@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.attribution import Attributor  # noqa: E402
-from utils.errors import PipelineError, cli_entry  # noqa: E402
+from utils.cli import cli_entry  # noqa: E402
+from utils.errors import PipelineError  # noqa: E402
 from utils.models import resolve_device  # noqa: E402
 
 

@@ -1,6 +1,6 @@
-"""Dense greedy labels, batch-1 ``generate`` (utils.generation.dense_label, today's label step) against
-the batched decoder (utils.labels.greedy_labels), side by side on the same prompts: wall time, tokens/s,
-and whether every label is identical.
+"""Dense greedy labels, batch-1 ``generate`` (dense_label in tests/reference.py, the label step before
+batching) against the batched decoder (utils.labels.greedy_labels), side by side on the same prompts:
+wall time, tokens/s, and whether every label is identical.
 
     python benchmarks/bench_labels.py                                   # SmolLM2 (offline), 20 questions, CPU
     python benchmarks/bench_labels.py --num_data 100 --device cuda --json labels_bench.json
@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # reference.py: test-only code
+from reference import dense_label  # noqa: E402
 from utils.data import load_samples  # noqa: E402
-from utils.generation import dense_label  # noqa: E402
 from utils.labels import greedy_labels, label_batch_size  # noqa: E402
 from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
 from utils.prompts import label_inputs, resolve_prompt_format  # noqa: E402
-from utils.errors import cli_entry  # noqa: E402
+from utils.cli import cli_entry  # noqa: E402
 
 MODEL_NAME = OFFLINE_MODEL
 DATASET = "truthfulqa-offline"

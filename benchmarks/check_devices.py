@@ -51,6 +51,7 @@ def main():
         res["max_rel_err"][name] = {k: rel_err(out[k], ref[k]) for k in out}
 
     layout = locate_units(cpu)
+    g = torch.Generator().manual_seed(4)     # random scores, hence masks, the same for every device
     keep = {}
     for comp in (ATTN, MLP):
         scores = torch.rand(2, args.label_len, layout.num_layers, layout.units(comp), generator=g)

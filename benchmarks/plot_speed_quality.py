@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.errors import PipelineError, cli_entry  # noqa: E402
+from utils.cli import cli_entry  # noqa: E402
+from utils.errors import PipelineError  # noqa: E402
 from utils.io import read_json  # noqa: E402
 from utils.plotting import plot_speed_quality  # noqa: E402
 from utils.quality import MEASURES  # noqa: E402

@@ -34,7 +34,7 @@ from utils.data import load_samples  # noqa: E402
 from utils.labels import greedy_labels, label_batch_size  # noqa: E402
 from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
 from utils.prompts import label_inputs, resolve_prompt_format  # noqa: E402
-from utils.errors import cli_entry  # noqa: E402
+from utils.cli import cli_entry  # noqa: E402
 
 MODEL_NAME = OFFLINE_MODEL
 DATASET = "truthfulqa-offline"

@@ -2,18 +2,9 @@
 import pytest
 import torch
 
-from conftest import VOCAB
+from conftest import VOCAB, assert_close
+from reference import reference_scores
 from utils.attribution import Attributor
-from utils.reference import reference_scores
-
-RTOL = 1e-4
-
-
-def assert_close(fast, slow, name):
-    scale = slow.abs().max().clamp_min(1e-12)
-    err = ((fast - slow).abs().max() / scale).item()
-    assert fast.shape == slow.shape, name
-    assert err < RTOL, f"{name}: relative error {err:.2e}"
 
 
 def random_sample(seed, prompt_len=7, label_len=5):

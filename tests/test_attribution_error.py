@@ -107,7 +107,6 @@ def direct_removal_delta(model, prompt, label, t, comp, layer, unit):
 def test_rows_equal_direct_single_unit_removals(error_run):
     rows, labels = error_run["rows"], error_run["labels"]
     model, _ = load_model_and_tokenizer(error_run["model_dir"], "cpu", torch.float32)
-    layout = locate_units(model)
     steps = {(r["sample"], r["step"]) for r in rows}
     # 3 samples x 2 steps (t >= 1) x 6 units x 2 components, fewer where a label is short
     expected = sum(min(2, len(ids) - 1) for ids in labels["label_token_ids"]) * 12

@@ -116,16 +116,22 @@ def test_run_pipeline_follows_every_step_constant(edited_constants):
 
 
 def test_run_pipeline_done_check_uses_the_step_constants(edited_constants, monkeypatch):
-    """The labels' done check compares with label_generation.py's settings (SEED included), and a score
-    step's with that step's NUM_DATA."""
-    from utils.labelset import new_labels, write_labels
+    """Each step carries its own done check.  The labels' compares with label_generation.py's settings
+    (SEED included), and a score step's with that step's NUM_DATA."""
     from utils.data import Sample
     from utils.io import write_json
+    from utils.labelset import new_labels, write_labels
     from utils.paths import ResultPaths
     from utils.provenance import meta_path
 
     paths = ResultPaths(edited_constants)
     steps, request = run_pipeline.plan(run_pipeline.parse(["--skip_ig"]))
+    on_disk = run_pipeline.OnDisk(paths, "fp", request)
+
+    def done(name, steps=steps):
+        return next(s for s in steps if s.name == name).is_done(on_disk)
+
+    assert not any(s.is_done(on_disk) for s in steps)       # an empty folder: every step runs
     settings = {"model": "org/edited-model", "dataset": "truthfulqa-offline", "num_data": 9, "prompt_format": "base",
                 "dtype": "bfloat16", "seed": 5, "samples_sha256": "fp"}
     samples = [Sample(str(i), f"q{i}", f"r{i}") for i in range(9)]
@@ -133,9 +139,8 @@ def test_run_pipeline_done_check_uses_the_step_constants(edited_constants, monke
                         samples=samples)
     paths.labels.parent.mkdir(parents=True)
     write_labels(labels)
-    fake = run_pipeline.parse(["--skip_ig"])
-    done = run_pipeline.done_check(fake, steps, paths, "fp", request)
     assert done("labels")
+    assert not done("folders")                                # always runs (instant; it takes the lock)
     assert not done("head magnitudes")
     path = paths.score("magnitude", "attention")          # 2 samples: Mag_attention.NUM_DATA
     path.parent.mkdir(parents=True)
@@ -144,9 +149,33 @@ def test_run_pipeline_done_check_uses_the_step_constants(edited_constants, monke
     assert done("head magnitudes")
     monkeypatch.setattr(Mag_attention, "NUM_DATA", None)   # now every labelled sample (9) is needed
     monkeypatch.setattr(label_generation, "SEED", 6)
-    steps, request = run_pipeline.plan(run_pipeline.parse(["--skip_ig"]))
-    done = run_pipeline.done_check(fake, steps, paths, "fp", request)
-    assert not done("labels") and not done("head magnitudes")
+    replanned, _ = run_pipeline.plan(run_pipeline.parse(["--skip_ig"]))
+    assert not done("labels", replanned) and not done("head magnitudes", replanned)
+
+
+def test_run_pipeline_runs_the_steps_not_done_and_every_step_with_redo(tmp_path, qa_file, monkeypatch, capsys):
+    ran = []
+    for module in {s.script for s in run_pipeline.plan(run_pipeline.parse(["--num_data", "2"]))[0]}:
+        monkeypatch.setattr(module, "main", lambda argv, m=module: ran.append(m.__name__))
+    done = {"labels", "gradient + gxo", "sweep + figure"}
+    monkeypatch.setattr(run_pipeline.Step, "is_done", lambda step, on_disk: step.name in done)
+    args = ["--dataset", qa_file, "--num_data", "2", "--device", "cpu", "--result_dir", tmp_path / "r"]
+    run_pipeline.main(list(map(str, args)))
+    assert ran == ["folder_creation", "Mag_attention", "Mag_mlp", "attribution_attention"]   # IG not done
+    assert capsys.readouterr().out.count("its files are complete for this run; skipped") == 3
+    ran.clear()
+    run_pipeline.main(list(map(str, args + ["--redo"])))
+    assert ran == ["folder_creation", "label_generation", "Mag_attention", "Mag_mlp", "attribution_attention",
+                   "attribution_attention", "main"]
+    assert "skipped" not in capsys.readouterr().out
+
+
+def test_every_pipeline_step_says_when_it_is_done():
+    """A step without a done check cannot be made (it is not silently 'never done')."""
+    steps, _ = run_pipeline.plan(run_pipeline.parse(["--num_data", "2"]))
+    assert all(callable(s.done) for s in steps)
+    with pytest.raises(TypeError):
+        run_pipeline.Step("new step", Mag_mlp, [], None)
 
 
 def test_registry_names_real_scripts_and_paths():

@@ -4,24 +4,18 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import VOCAB
-from utils.decode import GreedyDecoder, fuse_projections, greedy_decode
+from conftest import NO_EOS, hf_greedy, random_ids
+from utils.decode import GreedyDecoder, fuse_projections
 from utils.errors import PipelineError
 from utils.generation import masked_generate
 from utils.sites import ATTN, MLP, SiteHooks, locate_units
 from utils.sparse_model import sparse_model
 
-NO_EOS = [VOCAB + 5]
 
-
-def hf_greedy(model, ids, n):
-    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                          min_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=NO_EOS,
-                          pad_token_id=0)[:, ids.shape[1]:]
-
-
-def random_ids(seed, batch=2, length=7):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+def greedy_decode(model, prompt_ids, new_tokens: int, *, prefill_model=None, plan=None):
+    """One-off :class:`GreedyDecoder` run: ``[B, new_tokens]`` greedy tokens."""
+    decoder = GreedyDecoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + new_tokens)
+    return decoder.generate(prompt_ids, new_tokens, prefill_model=prefill_model, plan=plan)
 
 
 def random_keep(layout, seed, p_off=0.5):

@@ -4,72 +4,16 @@ checks are also called directly (faster) with their exact messages."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import write_qa_file
+from conftest import fails, files_under, in_process, snapshot, write_qa_file
 from utils.errors import PipelineError
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 OFFLINE_HINT = "--model_name smollm2-135m-instruct"
-
-
-def fails(script: str, *args) -> str:
-    """Run a script that must refuse: exit 2 and exactly one line ``error: ...`` on stderr; returns it."""
-    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
-
-
-def snapshot(root: Path) -> dict:
-    """Every file under ``root`` with its bytes (to prove a refused command changed nothing); the folder
-    lock ``.lock`` (it names whoever holds it) is not a result."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
-
-
-def files_under(root: Path) -> list:
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-
-
-def in_process(module: str, *args) -> None:
-    """Run a script's ``main`` in this process (setup only: fast, the model is already imported)."""
-    import importlib
-    importlib.import_module(module).main([str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def scored(tiny_model_dirs, tmp_path_factory):
-    """Labels (tiny Llama, 2 samples) and both magnitude score files; tests work on copies."""
-    tmp = tmp_path_factory.mktemp("errors_run")
-    data = write_qa_file(tmp / "qa.jsonl")
-    result = tmp / "result"
-    where = ["--dataset", data, "--result_dir", result, "--device", "cpu"]
-    in_process("label_generation", "--model_name", tiny_model_dirs["llama"], "--num_data", 2, *where)
-    in_process("Mag_attention", *where)
-    in_process("Mag_mlp", *where)
-    labels = json.loads((result / "labels.json").read_text())
-    return SimpleNamespace(data=data, result=result, labels=labels, model_dir=tiny_model_dirs["llama"])
-
-
-@pytest.fixture
-def run_copy(scored, tmp_path):
-    """A private copy of the scored run: ``(result_dir, where_args)``."""
-    dst = tmp_path / "run"
-    shutil.copytree(scored.result, dst)
-    return dst, ["--dataset", scored.data, "--result_dir", dst, "--device", "cpu"]
 
 
 # -- model and dataset names (label_generation.py) ------------------------------------------------------

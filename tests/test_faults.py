@@ -13,24 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QA_ROWS, write_qa_file
-from test_errors import ENV, ROOT, fails, files_under, in_process, run_copy, scored, snapshot  # noqa: F401
+from conftest import ENV, QA_ROWS, ROOT, exits_2, fails, files_under, in_process, snapshot, write_qa_file
 from utils.errors import PipelineError
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
-
-
-def exits_2(capsys, module: str, *args) -> str:
-    """Run a script's ``main`` in this process; it must exit 2 with one ``error:`` line on stderr."""
-    with pytest.raises(SystemExit) as info:
-        in_process(module, *args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 # -- damaged result files: one line naming the step to rerun ---------------------------------------------

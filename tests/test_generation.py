@@ -2,7 +2,8 @@
 import torch
 
 from conftest import VOCAB
-from utils.generation import dense_label, masked_generate, strip_at_eos
+from reference import dense_label
+from utils.generation import masked_generate, strip_at_eos
 from utils.sites import ATTN, MLP, SiteHooks, locate_units
 
 

@@ -1,19 +1,10 @@
 """Packed integrated gradients (several generation steps' IG elements per pass, every row reading its
 prefix of the one shared cache) equal the one-step-per-pass path and the naive per-layer loop (METHOD §3)."""
-import pytest
 import torch
 
-from conftest import VOCAB, tiny_gemma
+from conftest import VOCAB, assert_close, tiny_gemma
+from reference import reference_scores
 from utils.attribution import Attributor
-from utils.reference import reference_scores
-
-RTOL = 1e-4
-
-
-def assert_close(fast, slow, name):
-    assert fast.shape == slow.shape, name
-    err = ((fast - slow).abs().max() / slow.abs().max().clamp_min(1e-12)).item()
-    assert err < RTOL, f"{name}: relative error {err:.2e}"
 
 
 def random_sample(seed, prompt_len, label_len):

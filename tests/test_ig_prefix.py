@@ -1,6 +1,6 @@
 """The shared-prefix attention of packed IG passes (utils/kv_cache.py) against transformers' stock
 attention with a real KV cache per row, and packed IG with prompts much longer than the label against
-the naive per-layer loop (utils/reference.py)."""
+the naive per-layer loop (tests/reference.py)."""
 import inspect
 
 import pytest
@@ -8,9 +8,9 @@ import torch
 from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM
 
 from conftest import VOCAB, tiny_gemma, tiny_gpt2, tiny_llama, tiny_phi
+from reference import reference_scores
 from utils.attribution import Attributor
 from utils.kv_cache import SharedPrefix, shared_prefix_pass
-from utils.reference import reference_scores
 
 RTOL = 1e-5
 

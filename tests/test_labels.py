@@ -1,9 +1,9 @@
-"""Batched greedy labels (utils/labels.py) equal batch-1 greedy decoding (utils.generation.dense_label)."""
+"""Batched greedy labels (utils/labels.py) equal batch-1 greedy decoding (tests/reference.py: dense_label)."""
 import pytest
 import torch
 
 from conftest import BUILDERS, VOCAB, tiny_gemma
-from utils.generation import dense_label
+from reference import dense_label
 from utils.labels import greedy_labels, label_batch_size
 
 

@@ -3,55 +3,43 @@ refused at once with one line; the lock goes with its process (exit, crash, SIGK
 it is re-entrant (run_pipeline.py runs every step)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from test_errors import ENV, ROOT, fails
-from test_resume import QUESTIONS
+from conftest import ROOT, exits_2, fails, in_process, start_paused, write_questions
 
-IG = ["attribution_attention.py", "--metric", "ig", "--n_steps", "12", "--batch_size", "2", "--device", "cpu"]
+IG = ["attribution_attention.py", "--metric", "ig", "--n_steps", "3", "--device", "cpu"]
 
 
-def test_second_process_is_refused_while_a_step_runs(tmp_path, tiny_model_dirs):
-    data = tmp_path / "qa.jsonl"
-    data.write_text("\n".join(json.dumps({"question": q, "best_answer": a}) for q, a in QUESTIONS))
+def test_second_process_is_refused_while_a_step_runs(tmp_path, tiny_model_dirs, capsys):
+    data = write_questions(tmp_path / "qa.jsonl", 2)
     result = tmp_path / "r"
-    proc = subprocess.run([sys.executable, "label_generation.py", "--model_name", str(tiny_model_dirs["llama"]),
-                           "--dataset", str(data), "--num_data", str(len(QUESTIONS)), "--device", "cpu",
-                           "--result_dir", str(result)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    first = subprocess.Popen([sys.executable, *IG, "--result_dir", str(result)], cwd=ROOT, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    in_process("label_generation", "--model_name", tiny_model_dirs["llama"], "--dataset", data, "--num_data", 2,
+               "--device", "cpu", "--result_dir", result)
+    # the first process pauses after its first sample (conftest.start_paused): it is certainly mid-step
+    # while the others try, however slow the host
+    first = start_paused(*IG, "--result_dir", result)
     try:
-        deadline = time.time() + 300
-        parts = result / "ig" / ".ig_attention-mlp.parts"
-        while not list(parts.glob("0*.pt")):            # the first process is computing
-            assert first.poll() is None and time.time() < deadline, "IG finished or stalled before the test"
-            time.sleep(0.05)
+        assert first.stdout.readline().split() == ["saved", "0"], first.stderr.read()[-3000:]
         # the case of the issue: another IG with other settings would have mixed its samples in
         msg = fails(*IG[:3], "--n_steps", "1", "--device", "cpu", "--result_dir", result)
         assert msg.startswith(f"error: result folder {result} is in use by pid {first.pid} on ")
-        assert msg.endswith("(attribution_attention.py --metric ig --n_steps 12 --batch_size 2 --device cpu "
-                            f"--result_dir {result}); wait for it to finish (or stop it), or use another --result_dir")
-        assert first.poll() is None, "the refused process must not disturb the running one"
-        assert fails("main.py", "--result_dir", result, "--device", "cpu").startswith(
+        assert msg.endswith(f"(attribution_attention.py --metric ig --n_steps 3 --device cpu --result_dir {result}); "
+                            "wait for it to finish (or stop it), or use another --result_dir")
+        capsys.readouterr()
+        assert exits_2(capsys, "main", "--result_dir", result, "--device", "cpu").startswith(
             f"error: result folder {result} is in use by pid {first.pid} ")
+        assert first.poll() is None, "the refused processes must not disturb the running one"
         first.send_signal(signal.SIGKILL)                # a crash: the OS drops the lock
         first.wait(timeout=60)
     finally:
         if first.poll() is None:
             first.kill()
-    proc = subprocess.run([sys.executable, "Mag_attention.py", "--result_dir", str(result), "--device", "cpu"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    in_process("Mag_attention", "--result_dir", result, "--device", "cpu")
     assert (result / "magnitude" / "magnitude_attention_list.pt").is_file()
 
 
@@ -78,7 +66,7 @@ def test_lock_is_reentrant_and_released_with_its_process(tmp_path):
         with pytest.raises(PipelineError, match=f"^result folder {folder} is in use by pid {holder.pid} on "):
             lock_folder(folder)
         holder.send_signal(signal.SIGTERM)
-        holder.wait(timeout=30)
+        holder.wait(timeout=120)
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -87,5 +75,5 @@ def test_lock_is_reentrant_and_released_with_its_process(tmp_path):
     assert f"pid {os.getpid()} " in (folder / ".lock").read_text()
     release_locks()
     other = subprocess.run([sys.executable, "-c", HOLDER.format(root=str(ROOT), folder=str(folder))
-                            .replace("time.sleep(600)", "")], capture_output=True, text=True, timeout=60)
+                            .replace("time.sleep(600)", "")], capture_output=True, text=True, timeout=300)
     assert other.returncode == 0 and other.stdout.strip() == "locked", other.stderr

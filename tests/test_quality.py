@@ -1,6 +1,5 @@
 """Teacher-forced KL and perplexity of masked variants (utils/quality.py) against a slow reference: the
 masked model run step by step against its own KV cache, each step under its own mask."""
-import math
 
 import pytest
 import torch

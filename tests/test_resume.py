@@ -1,32 +1,22 @@
-"""A long step killed midway (a real signal to a real subprocess) resumes without redoing finished
-samples, and the resumed result equals an uninterrupted run."""
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
+"""A long step stopped midway (Ctrl-C or a crash) resumes without redoing finished samples, and the resumed
+result equals an uninterrupted run; run_pipeline.py skips the steps whose files are complete.
 
+The interruptions are raised in this process, through the real per-sample loop, at a chosen sample; one
+small test sends a real SIGINT to a real process (what a user's Ctrl-C does)."""
+import json
+import shutil
+import signal
+
+import pytest
 import torch
 
-from conftest import ROOT
+import main as sweep_main
+from conftest import in_process, start_paused, write_questions
+from utils.io import SampleCheckpoint
 
-QUESTIONS = [("What colour is the sky?", "The sky is blue on a clear day with sun"),
-             ("How many legs does a spider have?", "A spider has eight legs in total"),
-             ("What is the capital of France?", "Paris is the capital city of France"),
-             ("Why do leaves fall in autumn?", "Trees shed leaves to save water in winter"),
-             ("What do bees make?", "Bees make honey and wax in their hives"),
-             ("How far is the Moon?", "The Moon is about 384,000 kilometres away"),
-             ("What is ice?", "Ice is water frozen solid below zero degrees"),
-             ("Who wrote Hamlet?", "William Shakespeare wrote the play Hamlet")]
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-IG = ["attribution_attention.py", "--metric", "ig", "--n_steps", "12", "--batch_size", "2", "--device", "cpu"]
-
-
-def run(args, result_dir):
-    proc = subprocess.run([sys.executable, *args, "--result_dir", str(result_dir)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+IG = ["--metric", "ig", "--n_steps", "3", "--device", "cpu"]
+RESUME_HINT = "interrupted: finished samples are saved; run the same command again to resume."
+SAVE = SampleCheckpoint.save
 
 
 def parts_dir(result_dir):
@@ -34,78 +24,105 @@ def parts_dir(result_dir):
     return found[0] if found else None
 
 
-def foreground_signals():
-    """In the child: SIGINT as a terminal's foreground process has it.  A suite started as a background
-    job of a non-interactive shell (``bash .ci/run &``) inherits SIGINT ignored, Python then installs no
-    KeyboardInterrupt handler, and the step would run to the end instead of stopping."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def saves(monkeypatch, stop_at=None, stop=None):
+    """Record the samples the per-sample loop saves; with ``stop_at``, raise ``stop`` once that sample is
+    computed, before it is saved (to the files, a Ctrl-C or crash anywhere in that sample)."""
+    saved = []
+
+    def save(self, index, value):
+        if index == stop_at:
+            raise stop
+        SAVE(self, index, value)
+        saved.append(index)
+
+    monkeypatch.setattr(SampleCheckpoint, "save", save)
+    return saved
 
 
-def start_and_interrupt(result_dir, sig, min_parts):
-    """Start the IG step, wait until ``min_parts`` samples are saved, then send ``sig``."""
-    proc = subprocess.Popen([sys.executable, *IG, "--result_dir", str(result_dir)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=foreground_signals)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        folder = parts_dir(result_dir)
-        if folder is not None and len(list(folder.glob("*.pt"))) >= min_parts:
-            break
-        assert proc.poll() is None, "the step finished before it could be interrupted"
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+def label(model_dir, data, num, result_dir):
+    in_process("label_generation", "--model_name", model_dir, "--dataset", data, "--num_data", num,
+               "--device", "cpu", "--result_dir", result_dir)
 
 
-def test_killed_attribution_resumes_and_matches_uninterrupted_run(tmp_path, tiny_model_dirs):
-    data = tmp_path / "qa.jsonl"
-    data.write_text("\n".join(json.dumps({"question": q, "best_answer": a}) for q, a in QUESTIONS))
-    dirs = {name: tmp_path / name for name in ("straight", "interrupted")}
-    for d in dirs.values():
-        run(["label_generation.py", "--model_name", str(tiny_model_dirs["llama"]), "--dataset", str(data),
-             "--num_data", str(len(QUESTIONS)), "--device", "cpu"], d)
-    run(IG, dirs["straight"])
+def test_interrupted_attribution_resumes_and_matches_uninterrupted_run(tmp_path, tiny_model_dirs, monkeypatch,
+                                                                        capsys):
+    data = write_questions(tmp_path / "qa.jsonl", 3)
+    straight, d = tmp_path / "straight", tmp_path / "interrupted"
+    label(tiny_model_dirs["llama"], data, 3, straight)
+    shutil.copytree(straight, d)
+    in_process("attribution_attention", *IG, "--result_dir", straight)
+    capsys.readouterr()
 
-    d = dirs["interrupted"]
-    code, err = start_and_interrupt(d, signal.SIGINT, min_parts=1)           # Ctrl-C
-    assert code == 130 and "run the same command again to resume" in err and "Traceback" not in err
-    assert not (d / "ig" / "ig_attention_list.pt").exists()                  # nothing half-written
+    saved = saves(monkeypatch, stop_at=1, stop=KeyboardInterrupt)             # Ctrl-C in sample 1
+    with pytest.raises(SystemExit) as info:
+        in_process("attribution_attention", *IG, "--result_dir", d)
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and RESUME_HINT in err
+    assert saved == [0]
+    assert not (d / "ig" / "ig_attention_list.pt").exists()                   # nothing half-written
     first = {p.name: p.stat().st_mtime_ns for p in parts_dir(d).glob("*.pt")}
-    assert 1 <= len(first) < len(QUESTIONS)
+    assert sorted(first) == ["000000.pt"]
 
-    code, _ = start_and_interrupt(d, signal.SIGKILL, min_parts=len(first) + 1)   # a crash
-    assert code == -signal.SIGKILL
-    second = {p.name: p.stat().st_mtime_ns for p in parts_dir(d).glob("*.pt")}
-    assert len(second) > len(first)
-    assert all(second[name] == mtime for name, mtime in first.items()), "finished samples were redone"
+    saved = saves(monkeypatch, stop_at=2, stop=RuntimeError("crash"))         # a crash in sample 2
+    with pytest.raises(RuntimeError, match="crash"):
+        in_process("attribution_attention", *IG, "--result_dir", d)
+    assert saved == [1]                                                       # 0 was not redone
+    assert all(parts_dir(d).joinpath(name).stat().st_mtime_ns == t for name, t in first.items())
 
-    run(IG, d)                                                                # resume to the end
+    saved = saves(monkeypatch)
+    in_process("attribution_attention", *IG, "--result_dir", d)               # resume to the end
+    assert saved == [2]
     assert parts_dir(d) is None
     for comp in ("attention", "mlp"):
-        a = torch.load(dirs["straight"] / "ig" / f"ig_{comp}_list.pt")
+        a = torch.load(straight / "ig" / f"ig_{comp}_list.pt")
         b = torch.load(d / "ig" / f"ig_{comp}_list.pt")
-        assert len(a) == len(b) == len(QUESTIONS)
+        assert len(a) == len(b) == 3
         for x, y in zip(a, b):
             assert x.shape == y.shape and x.shape[0] > 0
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_run_pipeline_skips_the_steps_it_finished(tmp_path, tiny_model_dirs):
+def test_ctrl_c_stops_a_real_process_and_keeps_its_samples(tmp_path, tiny_model_dirs, monkeypatch):
+    """SIGINT to a step running as its own process: exit 130 with the one-line hint, no traceback, the
+    finished sample kept for the next run."""
+    data = write_questions(tmp_path / "qa.jsonl", 2)
+    d = tmp_path / "r"
+    label(tiny_model_dirs["llama"], data, 2, d)
+    proc = start_paused("attribution_attention.py", *IG, "--result_dir", d)
+    try:
+        assert proc.stdout.readline().split() == ["saved", "0"], proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and RESUME_HINT in err and "Traceback" not in err, err[-3000:]
+    assert not (d / "ig" / "ig_attention_list.pt").exists()
+    assert sorted(p.name for p in parts_dir(d).glob("*.pt")) == ["000000.pt"]
+    saved = saves(monkeypatch)
+    in_process("attribution_attention", *IG, "--result_dir", d)
+    assert saved == [1] and parts_dir(d) is None
+    assert len(torch.load(d / "ig" / "ig_attention_list.pt")) == 2
+
+
+def test_run_pipeline_skips_the_steps_it_finished(tmp_path, tiny_model_dirs, capsys, monkeypatch):
     """Run again, run_pipeline.py leaves complete files alone; a changed setting redoes what it affects."""
-    data = tmp_path / "qa.jsonl"
-    data.write_text("\n".join(json.dumps({"question": q, "best_answer": a}) for q, a in QUESTIONS[:3]))
-    base = [sys.executable, "run_pipeline.py", "--model_name", str(tiny_model_dirs["phi"]), "--dataset", str(data),
-            "--num_data", "3", "--n_steps", "2", "--device", "cpu", "--result_dir", str(tmp_path / "r")]
+    # two metrics and two ratios keep the sweep short; the sweep still reads IG, so new IG redoes it
+    monkeypatch.setattr(sweep_main, "METRIC_NAME", ["gxo", "ig"])
+    monkeypatch.setattr(sweep_main, "RATIOS", [0.0, 0.5])
+    data = write_questions(tmp_path / "qa.jsonl", 2)
+    r = tmp_path / "r"
+    base = ["--model_name", tiny_model_dirs["phi"], "--dataset", data, "--num_data", "2", "--n_steps", "2",
+            "--device", "cpu", "--result_dir", r]
 
     def pipeline(*extra):
-        proc = subprocess.run([*base, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        capsys.readouterr()
+        in_process("run_pipeline", *base, *extra)
         return {line.split("]")[1].split(":")[0].split("  (")[0].strip()
-                for line in proc.stdout.splitlines() if line.startswith("[") and "skipped" in line}
+                for line in capsys.readouterr().out.splitlines() if line.startswith("[") and "skipped" in line}
 
     def stamps():
-        files = [tmp_path / "r" / "labels.json", *sorted((tmp_path / "r").rglob("*_list.pt"))]
+        files = [r / "labels.json", *sorted(r.rglob("*_list.pt"))]
         return {f.name: f.stat().st_mtime_ns for f in files}
 
     all_steps = {"labels", "head magnitudes", "neuron magnitudes", "gradient + gxo", "integrated gradients",
@@ -118,10 +135,8 @@ def test_run_pipeline_skips_the_steps_it_finished(tmp_path, tiny_model_dirs):
     assert pipeline("--n_steps", "3") == all_steps - {"integrated gradients", "sweep + figure"}
     changed = {name for name, t in stamps().items() if t != first[name]}
     assert changed == {"ig_attention_list.pt", "ig_mlp_list.pt"}
-    assert pipeline("--n_steps", "3", "--redo") == set()
 
     # a damaged file and non-finite scores are not complete: exactly their steps run again
-    r = tmp_path / "r"
     mlp = r / "magnitude" / "magnitude_mlp_list.pt"
     tensors = torch.load(mlp)
     tensors[0][0, 0, 0] = float("nan")
@@ -129,13 +144,13 @@ def test_run_pipeline_skips_the_steps_it_finished(tmp_path, tiny_model_dirs):
     gxo = r / "ig" / "gxo_attention_list.pt"
     gxo.write_bytes(gxo.read_bytes()[:100])
     assert pipeline("--n_steps", "3") == all_steps - {"neuron magnitudes", "gradient + gxo", "sweep + figure"}
-    assert all(torch.isfinite(t).all() for t in torch.load(mlp)) and len(torch.load(gxo)) == 3
+    assert all(torch.isfinite(t).all() for t in torch.load(mlp)) and len(torch.load(gxo)) == 2
 
     # the dataset file edited in place: new labels, and the old run's files move out of the way
     old_id = json.loads((r / "labels.json").read_text())["run_id"]
     old_files = sorted(p.relative_to(r) for p in r.rglob("*") if p.is_file() and p.name != ".lock"
                        and p.name != "labels.json")
-    data.write_text("\n".join(json.dumps({"question": q + " Explain.", "best_answer": a}) for q, a in QUESTIONS[:3]))
+    data.write_text(data.read_text().replace("?", "? Explain."))
     assert pipeline("--n_steps", "3") == set()
     labels = json.loads((r / "labels.json").read_text())
     assert labels["run_id"] != old_id and all(q.endswith(" Explain.") for q in labels["questions"])

@@ -8,26 +8,20 @@ the model's own sliding-window mask doing the windowing), with a window of 4 and
 import torch
 import torch.nn.functional as F
 
-from conftest import VOCAB, tiny_gemma
+from conftest import VOCAB, assert_close, tiny_gemma
+from reference import reference_scores
 from utils.attribution import Attributor
 from utils.generation import masked_generate
 from utils.kv_cache import cache_argument_name, output_cache, repeated_cache
-from utils.reference import reference_scores
 from utils.sites import ATTN, COMPONENTS, MLP, SiteHooks, locate_units
 
 WINDOW = 4
-RTOL = 1e-4
 
 
 def sample(seed, prompt_len=7, label_len=5):
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, VOCAB, (1, prompt_len), generator=g),
             torch.randint(0, VOCAB, (label_len,), generator=g).tolist())
-
-
-def assert_close(fast, slow, name):
-    err = ((fast - slow).abs().max() / slow.abs().max().clamp_min(1e-12)).item()
-    assert fast.shape == slow.shape and err < RTOL, f"{name}: relative error {err:.2e}"
 
 
 def test_the_window_matters_for_these_lengths():

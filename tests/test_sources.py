@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import VOCAB
+from reference import dense_label
 from utils.attribution import Attributor
 from utils.errors import PipelineError
-from utils.generation import dense_label
 from utils.masks import RankInputs, output_weight_norms, ranking
 from utils.sites import ATTN, MLP, locate_units
 from utils.sources import calibrated_keep_scores, parse_sources, prompt_scores, source_keep_masks

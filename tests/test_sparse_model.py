@@ -3,15 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import VOCAB
+from conftest import NO_EOS, hf_greedy, random_ids
 from utils.architecture import decoder_layers
 from utils.errors import PipelineError
 from utils.generation import masked_generate
 from utils.kv_cache import cache_argument_name, forward_kwargs, output_cache
 from utils.sites import ATTN, MLP, SiteHooks, locate_units
 from utils.sparse_model import sparse_cache, sparse_model, weight_bytes
-
-NO_EOS = [VOCAB + 5]   # an EOS id that never comes
 
 
 def hard_masks(layout, seed):
@@ -53,23 +51,13 @@ def zero_masked_generate(model, layout, keep, ids, n):
         return hf_greedy(model, ids, n)
 
 
-def hf_greedy(model, ids, n):
-    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                          min_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=NO_EOS,
-                          pad_token_id=0)[:, ids.shape[1]:]
-
-
-def random_ids(seed, batch=2, length=12):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def test_logits_equal_zero_masking(arch_model):
     arch, model = arch_model
     layout = locate_units(model)
     for seed in range(3):
         keep = hard_masks(layout, seed)
         sparse, plan = sparse_model(model, keep)
-        ids = random_ids(seed)
+        ids = random_ids(seed, length=12)
         with torch.no_grad():
             got = sparse(input_ids=ids).logits
         want = zero_masked_logits(model, layout, keep, ids)
@@ -91,7 +79,7 @@ def test_keep_everything_is_the_dense_model(arch_model):
     keep = {ATTN: torch.ones(layout.num_layers, layout.num_heads, dtype=torch.bool),
             MLP: torch.ones(layout.num_layers, layout.intermediate, dtype=torch.bool)}
     sparse, _ = sparse_model(model, keep)
-    ids = random_ids(5)
+    ids = random_ids(5, length=12)
     with torch.no_grad():
         assert torch.allclose(sparse(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert weight_bytes(sparse) == weight_bytes(model)
@@ -144,7 +132,7 @@ def test_dense_prefill_then_sparse_decode_equals_masked_generate(arch_model):
 def test_dense_model_untouched_and_unchanged_modules_shared(arch_model):
     _, model = arch_model
     layout = locate_units(model)
-    ids = random_ids(3)
+    ids = random_ids(3, length=12)
     before = model(input_ids=ids).logits
     shapes = {n: p.shape for n, p in model.named_parameters()}
     sparse, _ = sparse_model(model, hard_masks(layout, 1))

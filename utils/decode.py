@@ -238,9 +238,3 @@ class GreedyDecoder:
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def greedy_decode(model, prompt_ids, new_tokens: int, *, prefill_model=None, plan=None, compile=None):
-    """One-off :class:`GreedyDecoder` run: ``[B, new_tokens]`` greedy tokens."""
-    decoder = GreedyDecoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + new_tokens, compile=compile)
-    return decoder.generate(prompt_ids, new_tokens, prefill_model=prefill_model, plan=plan)

@@ -19,18 +19,6 @@ def strip_at_eos(ids: list[int], eos_ids) -> list[int]:
 
 
 @torch.no_grad()
-def dense_label(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_ids, pad_id: int) -> list[int]:
-    """The dense model's greedy continuation (at most ``max_new_tokens``, EOS and after removed)."""
-    device = next(model.parameters()).device
-    prompt_ids = prompt_ids.to(device)
-    out = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                         max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
-                         temperature=None, top_p=None, top_k=None, repetition_penalty=None,
-                         eos_token_id=list(eos_ids), pad_token_id=pad_id)
-    return strip_at_eos(out[0, prompt_ids.shape[1]:].tolist(), eos_ids)
-
-
-@torch.no_grad()
 def prompt_state(model, prompt_ids: torch.Tensor):
     """Step 0 of every masked variant of a prompt: the dense model's first greedy token (``[1]``) and the
     prompt's cache (batch 1).  The sweep computes it once per sample for decoding and the KL pass."""

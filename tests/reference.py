@@ -1,4 +1,5 @@
-"""Slow, obviously-correct references for the tests and benchmarks.
+"""Slow, obviously-correct references: test-only code (the tests, benchmarks/bench_attribution.py and
+benchmarks/bench_labels.py use it; the pipeline never does), so it lives with the tests.
 
 Independent of the code it checks: nothing here comes from ``utils.attribution``, ``utils.masks`` or
 ``utils.kv_cache``; the score formulas are written out again from METHOD §3, one head at a time, and the
@@ -19,7 +20,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from .sites import ATTN, COMPONENTS, ModelLayout, locate_units
+from utils.generation import strip_at_eos
+from utils.sites import ATTN, COMPONENTS, ModelLayout, locate_units
 
 
 # -- METHOD §3, written out per head ------------------------------------------------------------------
@@ -168,3 +170,17 @@ def reference_scores(model, prompt_ids, label_ids, *, ig_steps: int = 0, use_cac
                                                  for l in layers])
         rows.append(row)
     return {key: torch.stack([r[key] for r in rows]).float().cpu() for key in rows[0]}
+
+
+# -- dense greedy labels, one sample at a time --------------------------------------------------------------
+@torch.no_grad()
+def dense_label(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_ids, pad_id: int) -> list[int]:
+    """The dense model's greedy continuation by ``transformers``' own ``generate``, batch 1 (at most
+    ``max_new_tokens``, EOS and after removed): what the batched label step (utils/labels.py) must equal."""
+    device = next(model.parameters()).device
+    prompt_ids = prompt_ids.to(device)
+    out = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                         max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
+                         temperature=None, top_p=None, top_k=None, repetition_penalty=None,
+                         eos_token_id=list(eos_ids), pad_token_id=pad_id)
+    return strip_at_eos(out[0, prompt_ids.shape[1]:].tolist(), eos_ids)
