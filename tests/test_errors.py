@@ -91,6 +91,41 @@ def test_unknown_hub_model_offline(tmp_path, qa_file):
     assert files_under(result) == []
 
 
+def test_unknown_hub_model_without_a_network_fails_at_once(tmp_path, qa_file, monkeypatch):
+    """HF_HUB_OFFLINE unset but no hub to reach (an endpoint on a closed local port): one line at once,
+    naming the offline models, instead of a minute of the hub client's retries."""
+    import time
+
+    from utils.models import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert not hub_reachable()
+    result = tmp_path / "result"
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        in_process("label_generation", "--model_name", "no-such-org/no-such-model", "--dataset", qa_file,
+                   "--num_data", 1, "--result_dir", result, "--device", "cpu")
+    assert exc.value.code == 2 and time.perf_counter() - start < 10
+    assert files_under(result) == []
+
+
+def test_hub_probe_message(monkeypatch):
+    from utils import models
+    from utils.errors import PipelineError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(PipelineError) as err:
+        models._load_kwargs("no-such-org/no-such-model")
+    assert str(err.value) == ("'no-such-org/no-such-model' is no local folder and no offline model name "
+                              "(smollm2-135m-instruct, gemma3-270m), and the Hugging Face hub (https://huggingface.co) "
+                              "cannot be reached; give a local folder or .gguf file, use the offline default "
+                              "--model_name smollm2-135m-instruct, or connect to the network")
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    assert models._load_kwargs("no-such-org/no-such-model") == ("no-such-org/no-such-model", {})
+
+
 def _no_question(tmp):
     (tmp / "noq.jsonl").write_text(json.dumps({"prompt": "What is 2+2?", "best_answer": "Four"}) + "\n")
     return tmp / "noq.jsonl", [f"{tmp / 'noq.jsonl'}, row 0 has no 'question' text",
