@@ -310,6 +310,26 @@ def test_load_labels_errors(tmp_path):
                                          "label_generation.py")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["settings"].update(seed=float("nan")), "is damaged or not a labels file"),
+    (lambda d: d.update(label_token_ids=[[str(t) for t in ids] for ids in d["label_token_ids"]]),
+     "is damaged or not a labels file"),
+    (lambda d: d["label_token_ids"][0].append(5), "was edited after it was written"),
+    (lambda d: d["settings"].update(model="another/model"), "was edited after it was written"),
+])
+def test_labels_edited_by_hand_are_refused(run_copy, edit, message):
+    """A labels.json edited by hand: damaged types are one line, and a changed label or setting no longer
+    matches the run_id hashed from them (every score file is keyed by that id)."""
+    from utils.labelset import load_labels
+
+    result, _ = run_copy
+    path = result / "labels.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    assert message in raises(load_labels, path)
+
+
 def test_load_scores_errors(run_copy, scored, tiny_model_dirs):
     from utils.labelset import load_labels
     from utils.provenance import load_scores, meta_path
