@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils.errors import PipelineError
+
 import attribution_attention
 import label_generation
 import Mag_attention
@@ -195,3 +197,26 @@ def test_registry_names_real_scripts_and_paths():
     assert artifacts.score("gxo", ATTN).producer == "attribution_attention.py --metric gxo"
     assert artifacts.scores_command(["gradient", "gxo"], MLP) == "attribution_attention.py --metric gradient gxo"
     assert artifacts.scores_command(["magnitude"], ATTN) == "Mag_attention.py"
+
+
+@pytest.mark.parametrize("module, constant, value, message", [
+    ("label_generation", "NUM_DATA", 0, "--num_data must be at least 1 (got 0)"),
+    ("label_generation", "SEED", -1, "--seed must be between 0 and 4294967295 (got -1)"),
+    ("label_generation", "PROMPT_FORMAT", "xx", "--prompt_format 'xx'"),
+    ("main", "NUM_DATA", 0, "--num_data must be at least 1 (got 0)"),
+    ("attribution_attention", "N_STEPS", 0, "--n_steps must be at least 1 (got 0)"),
+])
+def test_an_edited_constant_gets_its_flags_check(monkeypatch, module, constant, value, message):
+    """A constant at the top of a step script is the default of its flag, and is checked like a value
+    given on the command line (argparse checks neither non-string defaults nor any default's choices)."""
+    script = importlib.import_module(module)
+    monkeypatch.setattr(script, constant, value)
+    with pytest.raises(PipelineError) as err:
+        script.build_parser().parse_args([])
+    assert message in str(err.value) and f"a constant at the top of {module}.py" in str(err.value)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(10 ** 20)])
+def test_seed_out_of_range_is_one_line(seed):
+    with pytest.raises(PipelineError, match="--seed must be between 0 and 4294967295"):
+        label_generation.build_parser().parse_args(["--seed", seed])

@@ -35,6 +35,41 @@ def test_unknown_hub_model_offline(tmp_path, qa_file):
     assert files_under(result) == []
 
 
+def test_unknown_hub_model_without_a_network_fails_at_once(tmp_path, qa_file, monkeypatch):
+    """HF_HUB_OFFLINE unset but no hub to reach (an endpoint on a closed local port): one line at once,
+    naming the offline models, instead of a minute of the hub client's retries."""
+    import time
+
+    from utils.models import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert not hub_reachable()
+    result = tmp_path / "result"
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        in_process("label_generation", "--model_name", "no-such-org/no-such-model", "--dataset", qa_file,
+                   "--num_data", 1, "--result_dir", result, "--device", "cpu")
+    assert exc.value.code == 2 and time.perf_counter() - start < 10
+    assert files_under(result) == []
+
+
+def test_hub_probe_message(monkeypatch):
+    from utils import models
+    from utils.errors import PipelineError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(PipelineError) as err:
+        models._load_kwargs("no-such-org/no-such-model")
+    assert str(err.value) == ("'no-such-org/no-such-model' is no local folder and no offline model name "
+                              "(smollm2-135m-instruct, gemma3-270m), and the Hugging Face hub (https://huggingface.co) "
+                              "cannot be reached; give a local folder or .gguf file, use the offline default "
+                              "--model_name smollm2-135m-instruct, or connect to the network")
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    assert models._load_kwargs("no-such-org/no-such-model") == ("no-such-org/no-such-model", {})
+
+
 def _no_question(tmp):
     (tmp / "noq.jsonl").write_text(json.dumps({"prompt": "What is 2+2?", "best_answer": "Four"}) + "\n")
     return tmp / "noq.jsonl", [f"{tmp / 'noq.jsonl'}, row 0 has no 'question' text",
@@ -217,6 +252,26 @@ def test_load_labels_errors(tmp_path):
     path.write_text(json.dumps({"labels": ["a"]}))
     assert raises(load_labels, path) == (f"{path} is damaged or not a labels file of this pipeline; rerun "
                                          "label_generation.py")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["settings"].update(seed=float("nan")), "is damaged or not a labels file"),
+    (lambda d: d.update(label_token_ids=[[str(t) for t in ids] for ids in d["label_token_ids"]]),
+     "is damaged or not a labels file"),
+    (lambda d: d["label_token_ids"][0].append(5), "was edited after it was written"),
+    (lambda d: d["settings"].update(model="another/model"), "was edited after it was written"),
+])
+def test_labels_edited_by_hand_are_refused(run_copy, edit, message):
+    """A labels.json edited by hand: damaged types are one line, and a changed label or setting no longer
+    matches the run_id hashed from them (every score file is keyed by that id)."""
+    from utils.labelset import load_labels
+
+    result, _ = run_copy
+    path = result / "labels.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    assert message in raises(load_labels, path)
 
 
 def test_load_scores_errors(run_copy, scored, tiny_model_dirs):

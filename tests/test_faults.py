@@ -221,6 +221,7 @@ def test_new_labels_move_the_previous_runs_files(run_copy, scored, capsys):
     (result / "res" / "both" / "tradeoff.png").write_bytes(b"png")
     before = {p: p.read_bytes() for p in files_under(result)
               if p.name != ".lock" and p.name != "labels.json"}
+    old_labels = (result / "labels.json").read_bytes()
     capsys.readouterr()
     in_process("label_generation", "--model_name", scored.model_dir, "--num_data", 1, *where)
     err = capsys.readouterr().err
@@ -229,14 +230,75 @@ def test_new_labels_move_the_previous_runs_files(run_copy, scored, capsys):
     assert (f"note: {result / 'labels.json'} (run {old_id}: {scored.model_dir}, 2 samples) will be replaced "
             f"(num_data changed); its 2 score file(s) (magnitude) and the 2 sweep file(s) (curves, figures) in "
             f"{result / 'res' / 'both'} will move to {result / 'previous_runs' / old_id}/") in err
-    assert f"{result / 'labels.json'} now holds run {new['run_id']}: moved {len(before)} file(s)" in err
+    assert f"{result / 'labels.json'} now holds run {new['run_id']}: moved {len(before) + 1} file(s)" in err
     for path, content in before.items():
         assert not path.exists()
         assert (result / "previous_runs" / old_id / path.relative_to(result)).read_bytes() == content
+    # the replaced labels go with them: without them the retired files cannot be used
+    assert (result / "previous_runs" / old_id / "labels.json").read_bytes() == old_labels
     # the same labels again: nothing to replace, nothing moved
     capsys.readouterr()
     in_process("label_generation", "--model_name", scored.model_dir, "--num_data", 1, *where)
     assert "note:" not in capsys.readouterr().err
+
+
+def _run_files(root: Path) -> dict:
+    """Every file of a result folder but the retired ones and the lock: ``{relative path: bytes}``."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in files_under(root)
+            if p.name != ".lock" and "previous_runs" not in p.relative_to(root).parts}
+
+
+def test_every_retirement_keeps_every_file(run_copy, scored, capsys):
+    """Labels A -> B -> A -> B: each replaced run, labels included, lands in a folder of its own, so the
+    second retirement of a run keeps what the first kept; the attribution error's folder goes with its run."""
+    result, where = run_copy
+    label = ["label_generation", "--model_name", scored.model_dir, *where]
+    kept = {}
+    for num_data in (1, 2, 1):
+        (result / "attribution_error").mkdir(exist_ok=True)
+        run_id = json.loads((result / "labels.json").read_text())["run_id"]
+        (result / "attribution_error" / "summary.json").write_text(json.dumps({"run_id": run_id, "n": num_data}))
+        (result / "attribution_error" / "scatter.png").write_bytes(f"png {num_data}".encode())
+        kept.setdefault(run_id, []).append(_run_files(result))
+        in_process(*label, "--num_data", num_data)
+    assert "will move to" in capsys.readouterr().err
+    retired = result / "previous_runs"
+    folders = sorted(p.name for p in retired.iterdir())
+    ids = list(kept)
+    assert len(ids) == 2 and folders == sorted([ids[0], f"{ids[0]}.2", ids[1]])
+    for run_id, snapshots in kept.items():
+        for k, files in enumerate(snapshots):
+            folder = retired / (run_id if k == 0 else f"{run_id}.{k + 1}")
+            assert _run_files(folder) == files, folder
+
+
+def test_retirements_of_unknown_runs_do_not_overwrite_each_other(run_copy, scored):
+    from utils.paths import ResultPaths
+    from utils.provenance import retire_previous_run
+
+    result, _ = run_copy
+    paths = ResultPaths(result)
+    run_id = scored.labels["run_id"]
+    for k in (1, 2):
+        (result / "res" / "both").mkdir(parents=True, exist_ok=True)
+        (result / "res" / "both" / "results.json").write_text("{damaged " + str(k))
+        retire_previous_run(paths, run_id)
+    retired = result / "previous_runs"
+    assert sorted(p.name for p in retired.iterdir()) == ["unknown_run", "unknown_run.2"]
+    assert (retired / "unknown_run" / "res" / "both" / "results.json").read_text() == "{damaged 1"
+    assert (retired / "unknown_run.2" / "res" / "both" / "results.json").read_text() == "{damaged 2"
+
+
+def test_a_symlinked_lock_is_refused_and_its_target_untouched(run_copy, capsys, tmp_path):
+    result, where = run_copy
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    lock = result / ".lock"
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(target)
+    msg = exits_2(capsys, "Mag_attention", *where)
+    assert msg == f"error: {lock} is a symbolic link, not this folder's lock file; remove it (rm) and run the same command again"
+    assert target.read_text() == "keep me"
 
 
 # -- flags validated before any work; devices ------------------------------------------------------------

@@ -8,6 +8,8 @@ default to "from labels.json": the value the labels were made with; a value give
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from .artifacts import LABELS
 from .errors import PipelineError
@@ -38,9 +40,42 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, description: str, **kwargs):
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(description=description, **kwargs)
+        # the script that builds this parser holds the constants its defaults come from (run_pipeline.py
+        # parses every step's command line with that step's parser)
+        caller = sys._getframe(1).f_globals.get("__file__")
+        self.script = os.path.basename(caller) if caller else self.prog
 
     def error(self, message):
         raise PipelineError(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        self._check_defaults(parsed)
+        return parsed, extra
+
+    def _check_defaults(self, parsed) -> None:
+        """Give a default left in place the check a typed value gets: argparse applies ``type`` only to
+        defaults that are strings, and ``choices`` to none, so a constant edited at the top of a script
+        (``NUM_DATA = 0``) would otherwise pass unchecked."""
+        for action in self._actions:
+            if not action.option_strings or action.default in (None, argparse.SUPPRESS):
+                continue
+            value = getattr(parsed, action.dest, None)
+            if value is not action.default:          # given on the command line: argparse checked it
+                continue
+            values = value if isinstance(value, (list, tuple)) else [value]
+            flag = action.option_strings[-1]
+            where = f"its default, a constant at the top of {self.script}"
+            for v in values:
+                if action.choices is not None and v not in action.choices:
+                    raise PipelineError(f"{flag} {v!r} ({where}) is not one of {', '.join(map(str, action.choices))}")
+                if callable(action.type) and not isinstance(v, str) and not isinstance(v, bool):
+                    try:
+                        action.type(str(v))
+                    except PipelineError as err:
+                        raise PipelineError(f"{err} ({where})") from None
+                    except (TypeError, ValueError):
+                        raise PipelineError(f"{flag} {v!r} ({where}) is not a valid value") from None
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -68,6 +103,20 @@ def at_least(minimum: int, flag: str, hint: str = ""):
 def at_least_one(flag: str, hint: str = ""):
     """An int flag that must be >= 1."""
     return at_least(1, flag, hint)
+
+
+SEED_MAX = 2 ** 32 - 1    # numpy's seed range
+
+
+def seed_value(text) -> int:
+    """A --seed: a whole number numpy, random and torch all accept."""
+    value = int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise PipelineError(f"--seed must be between 0 and {SEED_MAX} (got {value})")
+    return value
+
+
+seed_value.__name__ = "int"
 
 
 def device_name(text: str) -> str:
@@ -107,7 +156,7 @@ def add_label_flags(parser, *, model_name: str, num_data: int, device: str, dtyp
                         help="label the first N samples of the dataset")
     parser.add_argument("--device", type=device_name, default=device, help=HELP["device"])
     parser.add_argument("--dtype", type=dtype_text, default=dtype, help=HELP["dtype"])
-    parser.add_argument("--seed", type=int, default=seed, help=HELP["seed"])
+    parser.add_argument("--seed", type=seed_value, default=seed, help=HELP["seed"])
     parser.add_argument("--prompt_format", default=prompt_format, choices=PROMPT_FORMATS, help=HELP["prompt_format"])
 
 
@@ -119,6 +168,6 @@ def add_run_flags(parser, *, num_data, device: str) -> None:
     parser.add_argument("--device", type=device_name, default=device, help=HELP["device"])
     parser.add_argument("--model_name", default=None, help=f"{HELP['model_name']} (default: {FROM_LABELS})")
     parser.add_argument("--dtype", type=dtype_text, default=None, help=f"{HELP['dtype']} (default: {FROM_LABELS})")
-    parser.add_argument("--seed", type=int, default=None, help=f"{HELP['seed']} (default: {FROM_LABELS})")
+    parser.add_argument("--seed", type=seed_value, default=None, help=f"{HELP['seed']} (default: {FROM_LABELS})")
     parser.add_argument("--prompt_format", default=None, choices=PROMPT_FORMATS,
                         help=f"{HELP['prompt_format']} (default: {FROM_LABELS})")

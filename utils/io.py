@@ -168,8 +168,13 @@ def lock_folder(root: Path) -> None:
         key = root.resolve()
         if key in _HELD:
             return
-        handle = open(root / LOCK_NAME, "a+")
+        # O_NOFOLLOW: a .lock that is a symbolic link must not lead the truncation below to another file
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        handle = os.fdopen(fd, "r+")
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PipelineError(f"{root / LOCK_NAME} is a symbolic link, not this folder's lock file; remove it "
+                                "(rm) and run the same command again") from None
         raise os_error_message(err, root) from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

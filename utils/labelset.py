@@ -62,9 +62,24 @@ def load_labels(path: Path) -> LabelSet:
         data = read_json(path)
         labels = LabelSet(path=path, **{field: data[key] for field, key in _KEYS.items()})
         sizes = {len(getattr(labels, field)) for field in _PER_SAMPLE}
-        if len(sizes) != 1 or not isinstance(labels.settings, dict) or "model" not in labels.settings:
+        if len(sizes) != 1 or not isinstance(labels.settings, dict) or "model" not in labels.settings \
+                or not (_token_lists(labels.label_ids) and _token_lists(labels.prompt_ids)) \
+                or not _whole(labels.settings.get("seed", 0)):
             raise TypeError
-        return labels
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError):
         raise PipelineError(f"{path} is damaged or not a labels file of this pipeline; rerun "
                             f"{LABELS.producer}") from None
+    if labels.run_id != run_id_of(labels.settings, labels.label_ids):
+        # the id is a hash of the settings and label tokens: a file edited by hand no longer matches it
+        raise PipelineError(f"{path} was edited after it was written (its run_id does not match its settings and "
+                            f"label tokens); rerun {LABELS.producer}")
+    return labels
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_lists(rows) -> bool:
+    """A list per sample of token ids (whole numbers)."""
+    return isinstance(rows, list) and all(isinstance(r, list) and all(_whole(t) for t in r) for r in rows)

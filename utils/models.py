@@ -198,7 +198,33 @@ def _load_kwargs(name: str) -> tuple[str, dict]:
         # a file-system path, not a hub id (org/name): say so instead of blaming the hub
         raise PipelineError(f"model folder {name} does not exist; check the path, or use the offline default: "
                             f"--model_name {OFFLINE_MODEL}")
+    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
+        # without a network the hub client retries for about a minute before it fails: say it at once
+        raise PipelineError(f"{name!r} is no local folder and no offline model name ({OFFLINE_MODEL}, {GEMMA_MODEL}), "
+                            f"and the Hugging Face hub ({hub_endpoint()}) cannot be reached; give a local folder or "
+                            f".gguf file, use the offline default --model_name {OFFLINE_MODEL}, or connect to the network")
     return name, {}
+
+
+HUB_PROBE_SECONDS = 3.0   # a reachable hub answers a TCP connect in well under a second
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Can a TCP connection to the hub's host be opened within ``timeout`` seconds?"""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 _LOADED: dict = {}

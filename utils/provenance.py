@@ -148,18 +148,27 @@ def _file_run_id(path: Path):
         if path.suffix == ".pt":
             return read_json(meta_path(path)).get("run_id")
         data = read_json(path)
+        if path.name in ("labels.json", "summary.json"):      # the labels themselves; the attribution error's
+            return data.get("run_id")
         return (data.get("settings") or {}).get("labels_run_id")
     except (*DAMAGED, AttributeError):
         return None
 
 
-def retire_previous_run(paths, run_id: str) -> list[Path]:
-    """Move every score and sweep file under ``paths`` that does not belong to the labels run ``run_id``
-    into ``previous_runs/<their run_id>/`` (same sub-folders), drop other runs' saved samples, and say so
-    in one line.  Returns the moved files' new paths."""
-    root = paths.root
+def retirement_folder(root: Path, owner) -> Path:
+    """A folder under ``previous_runs/`` that no earlier retirement used: ``<run_id>``, else
+    ``<run_id>.2``, ``<run_id>.3``... (a run retired twice, A -> B -> A -> B, keeps both copies)."""
+    base = root / PREVIOUS_RUNS / (owner or "unknown_run")
+    folder, k = base, 1
+    while folder.exists():
+        k += 1
+        folder = base.with_name(f"{base.name}.{k}")
+    return folder
+
+
+def _score_moves(paths, run_id: str) -> list:
     moves = []
-    for folder in (root / name for name in artifacts.score_folders()):
+    for folder in (paths.root / name for name in artifacts.score_folders()):
         if not folder.is_dir():
             continue
         for f in sorted(folder.glob("*_list.pt")):
@@ -169,21 +178,56 @@ def retire_previous_run(paths, run_id: str) -> list[Path]:
         for f in sorted(folder.glob("*.meta.json")):        # provenance whose scores are gone
             if not f.with_name(f.name[:-len(".meta.json")] + ".pt").is_file():
                 moves.append((f, _file_run_id(f.with_name(f.name[:-len(".meta.json")] + ".pt"))))
-    if paths.res.is_dir():
-        # files that record their labels run (results.json, <metric>.json) are judged by it; the others
-        # (per_sample.json, results.csv, the figure) belong to whatever results.json belongs to
-        overall = _file_run_id(paths.results) if paths.results.is_file() else None
-        for f in sorted(paths.res.iterdir()):
-            if not f.is_file() or f.name.startswith("."):
-                continue
-            own = _file_run_id(f) if f.suffix == ".json" and f.name != "per_sample.json" else None
-            owner = own or overall
-            if owner != run_id:
-                moves.append((f, owner))
-    moved = []
-    for f, owner in moves:
-        dst = root / PREVIOUS_RUNS / (owner or "unknown_run") / f.relative_to(root)
+    return moves
+
+
+def _folder_moves(folder: Path, record: Path, run_id: str, judge_json: bool) -> list:
+    """The files of a result folder whose run is not ``run_id``.  ``record`` names the folder's run;
+    with ``judge_json``, a JSON file that records its own labels run is judged by it instead."""
+    if not folder.is_dir():
+        return []
+    overall = _file_run_id(record) if record.is_file() else None
+    moves = []
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        own = _file_run_id(f) if judge_json and f.suffix == ".json" and f.name != "per_sample.json" else None
+        owner = own or overall
+        if owner != run_id:
+            moves.append((f, owner))
+    return moves
+
+
+def retire_previous_run(paths, run_id: str) -> list[Path]:
+    """Move every score, sweep and attribution-error file under ``paths`` that does not belong to the labels
+    run ``run_id`` into a fresh ``previous_runs/<their run_id>[.k]/`` (same sub-folders; nothing an earlier
+    retirement kept is overwritten), copy the labels being replaced there too (they are what makes those
+    files usable; the new labels replace the file itself atomically), drop other runs' saved samples, and
+    say so in one line.  Returns the retired files' new paths."""
+    from .attribution_error import OUTPUT_DIR     # the optional step's folder (it imports this module's peers)
+
+    root = paths.root
+    moves = _score_moves(paths, run_id)
+    # files that record their labels run (results.json, <metric>.json) are judged by it; the others
+    # (per_sample.json, results.csv, the figure) belong to whatever results.json belongs to
+    moves += _folder_moves(paths.res, paths.results, run_id, judge_json=True)
+    moves += _folder_moves(root / OUTPUT_DIR, root / OUTPUT_DIR / "summary.json", run_id, judge_json=False)
+    old_labels = _file_run_id(paths.labels) if paths.labels.is_file() else run_id
+    folders, moved = {}, []
+
+    def destination(f: Path, owner) -> Path:
+        if owner not in folders:
+            folders[owner] = retirement_folder(root, owner)
+        dst = folders[owner] / f.relative_to(root)
         dst.parent.mkdir(parents=True, exist_ok=True)
+        return dst
+
+    if old_labels != run_id:
+        dst = destination(paths.labels, old_labels)
+        shutil.copy2(paths.labels, dst)
+        moved.append(dst)
+    for f, owner in moves:
+        dst = destination(f, owner)
         f.replace(dst)
         moved.append(dst)
     dropped = 0
@@ -199,6 +243,7 @@ def retire_previous_run(paths, run_id: str) -> list[Path]:
             dropped += 1
     if moved or dropped:
         dropped_text = f" and dropped {dropped} folder(s) of their saved samples" if dropped else ""
+        where = ", ".join(str(f.relative_to(root)) for f in folders.values())
         note(f"{paths.labels} now holds run {run_id}: moved {len(moved)} file(s) of earlier runs to "
-             f"{root / PREVIOUS_RUNS}/{dropped_text}")
+             f"{where or root / PREVIOUS_RUNS}/{dropped_text}")
     return moved

@@ -17,7 +17,7 @@ from .io import note
 from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
 from .paths import ResultPaths
 from .prompts import label_inputs, resolve_prompt_format
-from .provenance import PREVIOUS_RUNS, dtype_name, retire_previous_run, write_scores
+from .provenance import dtype_name, retire_previous_run, retirement_folder, write_scores
 from .run import seed_everything
 from .sites import COMPONENTS
 
@@ -108,7 +108,7 @@ def _announce_replacement(paths: ResultPaths, settings: dict) -> None:
         if swept:
             owner = "the" if scores else "its"
             moving.append(f"{owner} {len(swept)} sweep file(s) (curves, figures) in {paths.res}")
-        where = paths.root / PREVIOUS_RUNS / str(old_id)
+        where = retirement_folder(paths.root, old_id)
         tail = f"{' and '.join(moving)} will move to {where}/" if moving else "it has no score or sweep files yet"
         note(f"{paths.labels} (run {old_id}: {old_settings.get('model')}, {old_settings.get('num_data')} samples) "
              f"will be replaced ({what} changed); {tail}")
