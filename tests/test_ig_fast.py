@@ -5,6 +5,7 @@ import torch
 
 from conftest import VOCAB, tiny_gemma
 from utils.attribution import Attributor
+from utils.ig import alphas_run, ig_alphas
 from utils.reference import reference_scores
 
 RTOL = 1e-4
@@ -14,6 +15,18 @@ def assert_close(fast, slow, name):
     assert fast.shape == slow.shape, name
     err = ((fast - slow).abs().max() / slow.abs().max().clamp_min(1e-12)).item()
     assert err < RTOL, f"{name}: relative error {err:.2e}"
+
+
+def test_alpha_grid_is_k_over_n():
+    """alpha_k = k / n for k = 1..n, ending at 1 (the dense model); with the dense gradient at hand the
+    elements run all alphas but that last one."""
+    assert ig_alphas(1) == [1.0]
+    assert ig_alphas(4) == [0.25, 0.5, 0.75, 1.0]
+    assert ig_alphas(3) == [1 / 3, 2 / 3, 1.0]
+    assert ig_alphas(20)[0] == 0.05 and len(ig_alphas(20)) == 20
+    assert alphas_run(4, dense_grads=None) == [0.25, 0.5, 0.75, 1.0]
+    assert alphas_run(4, dense_grads={}) == [0.25, 0.5, 0.75]
+    assert alphas_run(1, dense_grads={}) == []
 
 
 def random_sample(seed, prompt_len, label_len):
