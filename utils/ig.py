@@ -69,6 +69,23 @@ def saved_per_position(layout) -> int:
     return 4 * layout.hidden + 3 * layout.intermediate + 2 * layout.num_heads * layout.head_dim
 
 
+def pack_rows(elements, prompt_len: int, budget: int, cache_weight: float) -> list[list]:
+    """Consecutive chunks of packed IG elements ``(t, comp, layer, alpha)``, each within ``budget``: a row of
+    step t costs its one position plus its P+t-1 cached positions at ``cache_weight`` each
+    (:meth:`IntegratedGradients.cache_weight`)."""
+    chunks, current, cost = [], [], 0.0
+    for e in elements:
+        row_cost = 1.0 + cache_weight * (prompt_len + e[0] - 1)
+        if current and cost + row_cost > budget:
+            chunks.append(current)
+            current, cost = [], 0.0
+        current.append(e)
+        cost += row_cost
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 @contextlib.contextmanager
 def staggered_rows(decoder_layers, rows: list[int], source: torch.Tensor | None = None, full: int | None = None):
     """While active, decoder layer l runs ``rows[l]`` batch rows: the rows it lacks join as copies of
@@ -112,20 +129,15 @@ def staggered_rows(decoder_layers, rows: list[int], source: torch.Tensor | None 
 
 
 class IntegratedGradients:
-    """Mean IG gradients of one sample's steps, run through the one-pass primitives of an attributor.
+    """Mean IG gradients of one sample's steps: ``{(comp, layer): mean over the grid of dLoss/d(unit
+    output)}`` (``[W]``), run through the one-pass primitives of ``passes``
+    (:class:`~utils.passes.DensePasses`: its site hooks, ``forward``, ``decoder_cache`` and
+    ``shared_prefix_logits``)."""
 
-    ``hooks``: the model's :class:`~utils.sites.SiteHooks`; ``forward(input_ids, cache, use_cache)``: one
-    pass, ``(float logits of the last position, new cache or None)``; ``decoder_cache(input_ids)``: the KV
-    cache of a pass that needs no logits; ``shared_prefix_logits(input_ids, position_ids, prefix, fix)``:
-    one pass of one-token rows reading ``prefix`` (:class:`~utils.kv_cache.SharedPrefix`), its last
-    logits.  Scores come back as ``{(comp, layer): mean over the grid of dLoss/d(unit output)}`` (``[W]``)."""
-
-    def __init__(self, hooks, forward, decoder_cache, shared_prefix_logits):
-        self.hooks = hooks
-        self.layout = hooks.layout
-        self._forward = forward
-        self._decoder_cache = decoder_cache
-        self._shared_prefix_logits = shared_prefix_logits
+    def __init__(self, passes):
+        self.passes = passes
+        self.hooks = passes.hooks
+        self.layout = passes.layout
 
     # -- what a row costs, in computed positions of a backward pass -------------------------------------
     def cache_weight(self) -> float:
@@ -190,13 +202,13 @@ class IntegratedGradients:
                 # become each row's own cache (layer l holds rows[l] rows, as the staggered batch runs it)
                 with torch.no_grad(), self.hooks.settings(scales=scales), \
                         staggered_rows(self.layout.decoder_layers, rows):
-                    batch_cache = self._decoder_cache(input_ids[:, :-1])
+                    batch_cache = self.passes.decoder_cache(input_ids[:, :-1])
                 step_ids = input_ids[:, -1:]
             else:
                 batch_cache = None
             with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True), \
                     staggered_rows(self.layout.decoder_layers, rows):
-                logits, _ = self._forward(step_ids, batch_cache, use_cache=batch_cache is not None)
+                logits, _ = self.passes.forward(step_ids, batch_cache, use_cache=batch_cache is not None)
                 # elements are independent, so the summed loss gives each its own gradient
                 loss = F.cross_entropy(logits[1:], target.expand(B), reduction="sum")
                 sites = sorted({(c, l) for c, l, _ in chunk})
@@ -213,28 +225,12 @@ class IntegratedGradients:
         return {key: value / n_steps for key, value in add_alpha_one(sums, dense_grads).items()}
 
     # -- several steps per pass -------------------------------------------------------------------------
-    def _pack(self, elements, prompt_len: int, budget: int) -> list[list]:
-        """Consecutive chunks of ``(t, comp, layer, alpha)`` elements, each within ``budget``: a row of step
-        t costs its one position plus its P+t-1 cached positions at :meth:`cache_weight`."""
-        weight = self.cache_weight()
-        chunks, current, cost = [], [], 0.0
-        for e in elements:
-            row_cost = 1.0 + weight * (prompt_len + e[0] - 1)
-            if current and cost + row_cost > budget:
-                chunks.append(current)
-                current, cost = [], 0.0
-            current.append(e)
-            cost += row_cost
-        if current:
-            chunks.append(current)
-        return chunks
-
     def packed_steps(self, prompt_len: int, labels, cache, n_steps: int, budget: int, on_token=None,
                      dense_grads=None) -> dict:
         """IG of steps t = 1..T-1, several steps' elements per pass: ``{t: {(comp, l): mean_k g}}``.
 
         ``cache`` is the sample's dense cache of at least P+T-2 positions
-        (:meth:`utils.attribution.Attributor._prefix_steps`); the cache step t runs against is its first
+        (:meth:`utils.passes.DensePasses._prefix_steps`); the cache step t runs against is its first
         P+t-1 positions.  A pass holds one dense row per step it covers plus that step's elements
         (``(comp, layer, alpha)``), staggered by layer as in :meth:`step`.  The rows run with no cache
         object and ``position_ids = P-1+t``; their attention reads ``cache`` itself, shared
@@ -244,7 +240,7 @@ class IntegratedGradients:
         L, T, device = self.layout.num_layers, labels.shape[0], labels.device
         elements = [(t, c, l, alpha) for t in range(1, T) for l in range(L) for c in COMPONENTS
                     for alpha in alphas_run(n_steps, dense_grads)]
-        chunks = self._pack(elements, prompt_len, budget)
+        chunks = pack_rows(elements, prompt_len, budget, self.cache_weight())
         last_of = {}                        # the chunk that finishes each step (progress)
         for i, chunk in enumerate(chunks):
             for e in chunk:
@@ -273,7 +269,7 @@ class IntegratedGradients:
             with torch.enable_grad(), self.hooks.settings(scales=scales, probe=True), \
                     staggered_rows(self.layout.decoder_layers, rows, source=src, full=K + B):
                 # a layer that bypassed the shared cache attended to its own token only: results would be wrong
-                logits = self._shared_prefix_logits(labels[step_of_row - 1][:, None],
+                logits = self.passes.shared_prefix_logits(labels[step_of_row - 1][:, None],
                                                     (prompt_len - 1 + step_of_row)[:, None], prefix,
                                                     "packed IG cannot run on this model, run it with "
                                                     "ig_packed=False")
