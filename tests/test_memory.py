@@ -36,6 +36,7 @@ def test_budget_is_a_share_of_free_memory_within_its_bounds(fake_gpu):
     assert free_memory_budget("cuda", 0.6, per_item=1000, lower=50_000_000) == 50_000_000
     assert free_memory_budget("cuda", 0.6, per_item=1000, upper=2 ** 24) == 2 ** 24
     assert free_memory_budget("cuda", 0.6, per_item=1000, lower=2 ** 20, upper=2 ** 28) == 48_962_627
+    assert free_memory_budget("cuda", 1 / 32) == 2_550_136_832                # 81_604_378_627 // 32, exactly
     assert free_memory_budget("cpu", 0.6, per_item=1000, lower=5, otherwise=2048) == 2048
     assert free_memory_budget("cpu", 0.5) is None
 

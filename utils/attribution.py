@@ -71,7 +71,6 @@ class Attributor(DensePasses):
         self._budget_cap = None      # automatic IG budget after an out-of-memory retry
 
     # -- integrated gradients, within memory ------------------------------------------------------
-
     def _packed_sample(self, prompt_ids, labels, gradients, ig_steps, budget, on_token):
         """Dense steps first (:meth:`_prefix_steps`; their cache is the one every IG pass reuses), then IG of
         step 0 (the prompt) and of all later steps packed: ``[(xs, grads, ig)]`` per step.  ``on_token(t)``
@@ -91,7 +90,7 @@ class Attributor(DensePasses):
         reported is not reported again."""
         reported = [0]
 
-        def attempt(budget):
+        def attempt(positions):
             done = [0]
 
             def tick(_t):
@@ -100,7 +99,7 @@ class Attributor(DensePasses):
                     reported[0] = done[0]
                     if on_step is not None:
                         on_step()
-            return self._packed_sample(prompt_ids, labels, gradients, ig_steps, budget, tick)
+            return self._packed_sample(prompt_ids, labels, gradients, ig_steps, positions, tick)
 
         if not auto_budget:
             return attempt(budget)
@@ -113,7 +112,8 @@ class Attributor(DensePasses):
     def position_budget(self, requested: int | None = None) -> int:
         """Token positions per IG pass: ``requested`` if given; on CUDA, what 60% of the free memory holds
         (the activations every layer saves per position, and a row's logits), at least
-        :data:`DEFAULT_POSITION_BUDGET`; elsewhere :data:`DEFAULT_POSITION_BUDGET`."""
+        :data:`DEFAULT_POSITION_BUDGET`; elsewhere :data:`DEFAULT_POSITION_BUDGET`.  After a packed IG pass ran
+        out of memory, the smaller budget that fitted (:meth:`_packed_sample_within_memory`)."""
         if requested:
             return int(requested)
         if self._budget_cap is not None:          # an earlier pass ran out of memory at a larger one
@@ -137,15 +137,14 @@ class Attributor(DensePasses):
         ``ig_*``.  ``step_mode``: ``cached`` (one token per pass against the KV cache), ``batched`` (all
         steps as one batch; not with IG), ``prefix`` (every step's new token as one row of one pass against
         the shared dense cache, :meth:`_prefix_steps`; not with IG; ``cached`` where the model cannot share
-        its cache) or ``auto`` (:func:`resolve_step_mode`).  ``batch_size`` bounds
-        the token positions one forward/backward pass computes (memory), for IG and for batched steps; a
-        cached position held by an IG row counts as ``ig.cache_weight()`` of one, a prompt position an IG
-        element of the prompt step runs without autograd as ``ig.prompt_row_cost`` says
-        (:class:`utils.ig.IntegratedGradients`).  ``batch_size=None`` chooses it from free device memory
-        (:meth:`position_budget`; after running out of memory, half of it).  ``ig_packed`` runs the IG
-        elements of several steps per pass (``ig.packed_steps``; default, on every device: with the shared-cache
-        attention it also beats one step per pass on a CPU, 2.2x with a 400-token prompt); False: one step
-        per pass.
+        its cache) or ``auto`` (:func:`resolve_step_mode`).  ``batch_size`` bounds the token positions one
+        forward/backward pass computes (memory), for IG and for batched steps; a cached position held by an
+        IG row counts as ``ig.cache_weight()`` of one, a prompt position an IG element of the prompt step
+        runs without autograd as ``ig.prompt_row_cost`` says (:class:`utils.ig.IntegratedGradients`).
+        ``batch_size=None`` chooses it from free device memory (:meth:`position_budget`; halved, down to 1,
+        while a pass runs out of memory).  ``ig_packed`` runs the IG elements of several steps per pass
+        (``ig.packed_steps``; default, on every device: with the shared-cache attention it also beats one
+        step per pass on a CPU, 2.2x with a 400-token prompt); False: one step per pass.
         """
         device = next(self.model.parameters()).device
         step_mode = resolve_step_mode(step_mode, device, ig=bool(ig_steps), gradients=gradients)
