@@ -42,7 +42,7 @@ def one_step_per_pass(att, prompt, labels, n_steps, budget):
         inp = prompt if t == 0 else labels[t - 1:t].view(1, 1)
         if t:
             began = time.perf_counter()
-            res[t] = att._ig_step(inp, labels[t:t + 1], cache, n_steps, budget)
+            res[t] = att.ig.step(inp, labels[t:t + 1], cache, n_steps, budget)
             took += time.perf_counter() - began
         _, _, cache = att._dense_step(inp, labels[t:t + 1], cache, with_grad=False)
     return res, took
@@ -55,7 +55,7 @@ def packed(att, prompt, labels, n_steps, budget):
         inp = prompt if t == 0 else labels[t - 1:t].view(1, 1)
         _, _, cache = att._dense_step(inp, labels[t:t + 1], cache, with_grad=False)
     began = time.perf_counter()
-    res = att._packed_ig_steps(prompt.shape[1], labels, cache, n_steps, budget)
+    res = att.ig.packed_steps(prompt.shape[1], labels, cache, n_steps, budget)
     return res, time.perf_counter() - began
 
 

@@ -1,6 +1,6 @@
 """IG's prompt step on the real model: its elements' earlier positions charged as whole positions against
 the position budget (the code before 2026-11-29's change) against their real cost
-(``Attributor._prompt_row_cost``), side by side in one process, alternating rounds.  Prints wall time,
+(``IntegratedGradients.prompt_row_cost``), side by side in one process, alternating rounds.  Prints wall time,
 decoder passes and the largest relative difference of the IG scores, and writes JSON:
 
     python benchmarks/bench_prompt_step.py                                 # CPU: the quick start's IG
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.attribution import Attributor  # noqa: E402
 from utils.data import load_samples  # noqa: E402
 from utils.cli import cli_entry  # noqa: E402
+from utils.ig import IntegratedGradients  # noqa: E402
 from utils.labels import greedy_labels, label_batch_size  # noqa: E402
 from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
 from utils.prompts import label_inputs, resolve_prompt_format  # noqa: E402
@@ -75,18 +76,18 @@ def main(argv=None):
                            batch_size=label_batch_size(model))
     samples = [(torch.tensor([q], device=device), lab) for q, lab in zip(prompts, labels)]
     att = Attributor(model)
-    costed = Attributor._prompt_row_cost
+    costed = IntegratedGradients.prompt_row_cost
     times, passes, outputs = {"whole": [], "costed": []}, {}, {}
     try:
         for _ in range(args.rounds):
             for name, cost in (("whole", whole_positions), ("costed", costed)):
-                Attributor._prompt_row_cost = cost
+                IntegratedGradients.prompt_row_cost = cost
                 seconds, n, out = timed(att, samples, device, args.ig_steps, args.batch_size)
                 times[name].append(seconds)
                 passes[name], outputs[name] = n, out
                 print(f"{name:>7}: {seconds:.2f} s, {n} passes", flush=True)
     finally:
-        Attributor._prompt_row_cost = costed
+        IntegratedGradients.prompt_row_cost = costed
     diff = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item()
                for a, b in zip(outputs["costed"], outputs["whole"]) for k in b if b[k].numel())
     best = {k: min(v) for k, v in times.items()}

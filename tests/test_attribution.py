@@ -176,7 +176,7 @@ def test_auto_on_cuda_runs_the_batched_path(arch_model):
 
 def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
     """--batch_size counts token positions: a prompt-step element (5 positions) costs its last position
-    plus its 4 earlier ones, which run without autograd, at ``_prompt_row_cost`` (more than 12 // 5 = 2
+    plus its 4 earlier ones, which run without autograd, at ``ig.prompt_row_cost`` (more than 12 // 5 = 2
     elements per pass); a one-token step packs 12 (one step per pass; packed steps:
     tests/test_ig_fast.py); the dense row comes on top.  Each prompt-step chunk runs as two passes: its
     first 4 positions without autograd, then the last position against them."""
@@ -192,7 +192,7 @@ def test_ig_batch_size_bounds_the_positions_of_a_pass(arch_model):
     finally:
         handle.remove()
     elements = 2 * 3 * 3                     # components x layers x steps
-    per_pass = int(12 // att._prompt_row_cost(5))
+    per_pass = int(12 // att.ig.prompt_row_cost(5))
     assert 12 // 5 < per_pass < elements
     chunks = [per_pass] * (elements // per_pass) + ([elements % per_pass] if elements % per_pass else [])
     prefix_passes = [s for s in shapes if s[1] == 4]

@@ -5,6 +5,19 @@ import torch
 from conftest import VOCAB, assert_close, tiny_gemma
 from reference import reference_scores
 from utils.attribution import Attributor
+from utils.ig import alphas_run, ig_alphas
+
+
+def test_alpha_grid_is_k_over_n():
+    """alpha_k = k / n for k = 1..n, ending at 1 (the dense model); with the dense gradient at hand the
+    elements run all alphas but that last one."""
+    assert ig_alphas(1) == [1.0]
+    assert ig_alphas(4) == [0.25, 0.5, 0.75, 1.0]
+    assert ig_alphas(3) == [1 / 3, 2 / 3, 1.0]
+    assert ig_alphas(20)[0] == 0.05 and len(ig_alphas(20)) == 20
+    assert alphas_run(4, dense_grads=None) == [0.25, 0.5, 0.75, 1.0]
+    assert alphas_run(4, dense_grads={}) == [0.25, 0.5, 0.75]
+    assert alphas_run(1, dense_grads={}) == []
 
 
 def random_sample(seed, prompt_len, label_len):
@@ -105,7 +118,7 @@ def test_packed_pass_respects_the_position_budget():
     model = tiny_llama()
     prompt, label = random_sample(47, prompt_len=6, label_len=4)
     att = Attributor(model)
-    w = att._cache_weight()
+    w = att.ig.cache_weight()
     assert 0 < w < 1
     _, sizes = passes_of(model, lambda: att.score_sample(prompt, label, gradients=False, ig_steps=3,
                                                          batch_size=40, ig_packed=True))
@@ -130,16 +143,16 @@ def test_packing_is_the_default(arch_model):
 
 def test_prompt_step_passes_count_its_earlier_positions_as_cheap():
     """The prompt step's IG elements run their earlier positions without autograd: a budget of B holds
-    B // _prompt_row_cost(P) elements per pass (more than B // P, counting them as whole positions), one
+    B // ig.prompt_row_cost(P) elements per pass (more than B // P, counting them as whole positions), one
     no-grad pass over the P-1 earlier positions per chunk, and the scores still equal the naive loop."""
     from conftest import tiny_llama
     model = tiny_llama()
     P, n_steps = 6, 3
     prompt, label = random_sample(59, prompt_len=P, label_len=2)     # the dense cache pass reads P positions
     att = Attributor(model)
-    cost = att._prompt_row_cost(P)
+    cost = att.ig.prompt_row_cost(P)
     assert 1 < cost < P
-    assert att._prompt_row_cost(1) == 1
+    assert att.ig.prompt_row_cost(1) == 1
     elements = att.layout.num_layers * 2 * (n_steps - 1)             # alpha = 1 is the dense gradient
     for budget in (cost, 2 * P, 10_000):
         # the no-grad passes over the earlier positions run the decoder alone (no logits)

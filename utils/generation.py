@@ -1,12 +1,14 @@
-"""Greedy generation: dense labels (``transformers``' own ``generate``) and masked generation, all
-sparsity levels and metrics of one sample decoded together as one batch (on a GPU, several samples'
-batches together: :func:`masked_generate_many`)."""
+"""Greedy generation of masked variants (the sweep, METHOD §5): all sparsity levels and metrics of one
+sample decoded together as one batch (on a GPU, several samples' batches together:
+:func:`masked_generate_many`).  The labels themselves come from :mod:`utils.labels` (many samples as one
+batch); :func:`dense_label`, batch-1 ``generate``, is the reference they are checked against."""
 from __future__ import annotations
 
 import torch
 
 from .kv_cache import (cache_argument_name, cache_with_room, forward_kwargs, layer_key_values, output_cache,
                        sliding_window, stacked_cache)
+from .memory import free_memory_budget
 from .sites import ATTN, MLP, SiteHooks
 
 
@@ -96,11 +98,7 @@ def decode_memory_budget(device) -> int | None:
     """Bytes the padded caches of samples decoded together may take: a quarter of the GPU's free memory
     (the rest for the pass's activations and the KL pass); None (no limit) on a CPU, which decodes one
     sample at a time by default."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free // 4
+    return free_memory_budget(device, 1 / 4)
 
 
 @torch.no_grad()

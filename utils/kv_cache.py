@@ -10,7 +10,7 @@ window - 1 keys/values plus a running length (``cumulative_length``) that sets t
 copy continues exactly like the original; ``tests/test_sliding_window.py`` checks every cached path
 against no-cache recomputation on sequences longer than the window.
 
-Packed IG passes (utils/attribution.py) run many rows of one sample, each a single new token that must
+Packed IG passes (utils/ig.py) run many rows of one sample, each a single new token that must
 see its own prefix of the sample's final cache.  Copying that prefix into every row made a row cost ~100
 computed positions with a 400-token prompt; ``shared_prefix_attention`` instead reads the one cache from
 every row (grouped-query einsums, a per-row length mask), registered in transformers' AttentionInterface

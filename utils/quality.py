@@ -8,6 +8,7 @@ import sacrebleu
 import torch
 
 from .kv_cache import cache_argument_name, forward_kwargs, output_cache, repeated_cache
+from .memory import free_memory_budget
 from .sites import ATTN, MLP, SiteHooks
 
 MEASURES = ("bleu", "token_agreement", "kl", "ppl")   # every sweep row has them; the trade-off figure plots any
@@ -37,11 +38,7 @@ def logits_budget(device) -> int:
     """Logits one teacher-forced pass may hold on ``device``.  On a GPU, a 32nd of its free memory (the
     logits, their log-softmax, its exp and the KL's product, in float32, with room to spare), between the
     CPU's budget and ``GPU_LOGITS_BUDGET``."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return LOGITS_BUDGET
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(min(GPU_LOGITS_BUDGET, max(LOGITS_BUDGET, free // 32)))
+    return free_memory_budget(device, 1 / 32, lower=LOGITS_BUDGET, upper=GPU_LOGITS_BUDGET, otherwise=LOGITS_BUDGET)
 
 
 @torch.no_grad()

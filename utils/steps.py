@@ -119,9 +119,10 @@ def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: in
     """Score ``run.num_data`` samples and write one file per (kind, component).
 
     ``kinds`` is a subset of magnitude, gradient, gxo, ig; gradient/gxo also write the per-layer
-    gradient norms (cor_gxo needs them).  ``step_mode`` (auto, cached, batched) picks how the steps of a
-    sample run (utils/attribution.py); IG always runs cached.  ``batch_size`` bounds the token positions of
-    one forward/backward pass, for IG and for batched steps (None: automatic)."""
+    gradient norms (cor_gxo needs them).  ``step_mode`` (auto, cached, batched, prefix) picks how the
+    steps of a sample run (utils/attribution.py: ``resolve_step_mode``); IG always runs cached.
+    ``batch_size`` bounds the token positions of one forward/backward pass, for IG and for batched steps
+    (None: automatic)."""
     gradients = bool({"gradient", "gxo"} & set(kinds))
     out_kinds = list(kinds) + (["grad_norm"] if gradients else [])
     wanted = [artifacts.score(k, c) for k in out_kinds for c in components]
