@@ -11,7 +11,7 @@ from utils.attribution import SCORE_METRICS, STEP_MODES
 from utils.cli import cli_entry
 from utils.distributed import current_shard
 from utils.errors import PipelineError
-from utils.flags import Parser, add_location_flags, add_run_flags, at_least_one
+from utils.flags import Parser, at_least_one, step_parser
 from utils.run import open_run
 from utils.sites import ATTN
 from utils.steps import compute_scores
@@ -25,9 +25,7 @@ NUM_DATA = None                 # None: every labelled sample
 
 
 def build_parser() -> Parser:
-    parser = Parser(__doc__)
-    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
-    add_run_flags(parser, num_data=NUM_DATA, device=label_generation.DEVICE)
+    parser = step_parser(__doc__, label_generation, NUM_DATA)
     parser.add_argument("--metric", nargs="+", default=METRICS, help=f"any of {', '.join(SCORE_METRICS)}")
     parser.add_argument("--n_steps", type=at_least_one("--n_steps"), default=N_STEPS,
                         help="integrated-gradients steps (alpha_k = k/n)")

@@ -7,7 +7,7 @@ import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that
 from utils.attribution_error import measure_attribution_error
 from utils.cli import cli_entry
 from utils.errors import PipelineError
-from utils.flags import Parser, add_location_flags, add_run_flags, at_least_one
+from utils.flags import Parser, at_least_one, step_parser
 from utils.metric_registry import studied_metrics
 from utils.run import open_run
 from utils.sweep import load_metric_scores
@@ -21,9 +21,7 @@ NUM_DATA = None         # None: every labelled sample
 
 
 def build_parser() -> Parser:
-    parser = Parser(__doc__)
-    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
-    add_run_flags(parser, num_data=NUM_DATA, device=label_generation.DEVICE)
+    parser = step_parser(__doc__, label_generation, NUM_DATA)
     parser.add_argument("--metric_name", nargs="+", default=METRICS,
                         help=f"any of {' '.join(studied_metrics())}, or all")
     parser.add_argument("--num_units", type=at_least_one("--num_units"), default=NUM_UNITS,

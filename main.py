@@ -5,7 +5,7 @@ agreement, teacher-forced KL and perplexity, and the activation ratio -> result/
 --source; quality measures: see --plot_metric."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.cli import cli_entry
-from utils.flags import Parser, add_location_flags, add_run_flags, at_least, at_least_one
+from utils.flags import Parser, at_least, at_least_one, step_parser
 from utils.masks import DEFAULT_RATIOS, parse_layers
 from utils.metric_registry import COR_GXO_VARIANTS, metric_names
 from utils.quality import MEASURES
@@ -27,9 +27,7 @@ NUM_DATA = None                 # None: every labelled sample
 
 
 def build_parser() -> Parser:
-    parser = Parser(__doc__)
-    add_location_flags(parser, dataset=label_generation.DATASET, result_dir=label_generation.RESULT_DIR)
-    add_run_flags(parser, num_data=NUM_DATA, device=label_generation.DEVICE)
+    parser = step_parser(__doc__, label_generation, NUM_DATA)
     parser.add_argument("--metric_name", nargs="+", default=METRIC_NAME,
                         help=f"any of {' '.join(metric_names())}, or all (every metric whose score files exist)")
     parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS,

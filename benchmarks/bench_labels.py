@@ -20,43 +20,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # reference.py: test-only code
+from common import add_model_flags, load_model_and_prompts, sync  # noqa: E402
 from reference import dense_label  # noqa: E402
-from utils.data import load_samples  # noqa: E402
-from utils.labels import greedy_labels, label_batch_size  # noqa: E402
-from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
-from utils.prompts import label_inputs, resolve_prompt_format  # noqa: E402
 from utils.cli import cli_entry  # noqa: E402
+from utils.labels import greedy_labels, label_batch_size  # noqa: E402
+from utils.models import OFFLINE_MODEL, eos_token_ids  # noqa: E402
 
 MODEL_NAME = OFFLINE_MODEL
 DATASET = "truthfulqa-offline"
 NUM_DATA = 20
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default=MODEL_NAME)
-    p.add_argument("--dataset", default=DATASET)
-    p.add_argument("--num_data", type=int, default=NUM_DATA)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
+    add_model_flags(p, model_name=MODEL_NAME, dataset=DATASET, num_data=NUM_DATA)
     p.add_argument("--batch_size", type=int, nargs="+", default=[None],
                    help="samples per batch (default: the device default, utils/labels.py); 1 outside fp32")
     p.add_argument("--skip_batch_one", action="store_true", help="time only the batched decoder")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    began = time.perf_counter()
-    model, tok = load_model_and_tokenizer(args.model_name, device, resolve_dtype(args.dtype))
-    load_s = time.perf_counter() - began
-    fmt = resolve_prompt_format("auto", tok)
-    samples = load_samples(args.dataset, args.num_data)
-    prompts, budgets = label_inputs(tok, samples, fmt)
+    loaded = load_model_and_prompts(args)
+    device, model, tok, load_s = loaded.device, loaded.model, loaded.tokenizer, loaded.load_s
+    prompts, budgets = loaded.prompts, loaded.budgets
     eos = eos_token_ids(model, tok)
     greedy_labels(model, prompts[:2], [2, 2], eos, tok.pad_token_id, batch_size=2)  # warm-up
     rows = {}

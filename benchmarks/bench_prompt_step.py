@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import add_model_flags, load_model_and_prompts  # noqa: E402
 from utils.attribution import Attributor  # noqa: E402
-from utils.data import load_samples  # noqa: E402
 from utils.cli import cli_entry  # noqa: E402
 from utils.ig import IntegratedGradients  # noqa: E402
 from utils.labels import greedy_labels, label_batch_size  # noqa: E402
-from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
-from utils.prompts import label_inputs, resolve_prompt_format  # noqa: E402
+from utils.models import OFFLINE_MODEL, eos_token_ids  # noqa: E402
 
 MODEL_NAME = OFFLINE_MODEL
 DATASET = "truthfulqa-offline"
@@ -57,21 +56,17 @@ def timed(att, samples, device, ig_steps, batch_size):
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default=MODEL_NAME)
-    p.add_argument("--dataset", default=DATASET)
-    p.add_argument("--num_data", type=int, default=NUM_DATA)
+    add_model_flags(p, model_name=MODEL_NAME, dataset=DATASET, num_data=NUM_DATA, dtype=False)
     p.add_argument("--ig_steps", type=int, default=IG_STEPS)
     p.add_argument("--rounds", type=int, default=ROUNDS)
-    p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=None, help="positions per pass (default: automatic)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     for flag in ("num_data", "ig_steps", "rounds"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
-    device = resolve_device(args.device)
-    model, tok = load_model_and_tokenizer(args.model_name, device, resolve_dtype("float32"))
-    prompts, budgets = label_inputs(tok, load_samples(args.dataset, args.num_data), resolve_prompt_format("auto", tok))
+    loaded = load_model_and_prompts(args)
+    device, model, tok, prompts, budgets = loaded.device, loaded.model, loaded.tokenizer, loaded.prompts, loaded.budgets
     labels = greedy_labels(model, prompts, budgets, eos_token_ids(model, tok), tok.pad_token_id,
                            batch_size=label_batch_size(model))
     samples = [(torch.tensor([q], device=device), lab) for q, lab in zip(prompts, labels)]

@@ -29,23 +29,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import add_model_flags, load_model_and_prompts, sync  # noqa: E402
 from utils.attribution import DEFAULT_POSITION_BUDGET, Attributor  # noqa: E402
-from utils.data import load_samples  # noqa: E402
-from utils.labels import greedy_labels, label_batch_size  # noqa: E402
-from utils.models import OFFLINE_MODEL, eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
-from utils.prompts import label_inputs, resolve_prompt_format  # noqa: E402
 from utils.cli import cli_entry  # noqa: E402
+from utils.labels import greedy_labels, label_batch_size  # noqa: E402
+from utils.models import OFFLINE_MODEL, eos_token_ids  # noqa: E402
 
 MODEL_NAME = OFFLINE_MODEL
 DATASET = "truthfulqa-offline"
 NUM_DATA = 100
 IG_STEPS = 20
 OLD_NUM_DATA = 15
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PassCounter:
@@ -87,13 +81,9 @@ def rel_err(new, old, key):
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default=MODEL_NAME)
-    p.add_argument("--dataset", default=DATASET)
-    p.add_argument("--num_data", type=int, default=NUM_DATA)
+    add_model_flags(p, model_name=MODEL_NAME, dataset=DATASET, num_data=NUM_DATA)
     p.add_argument("--old_num_data", type=int, default=OLD_NUM_DATA, help="samples the old IG path runs")
     p.add_argument("--ig_steps", type=int, default=IG_STEPS)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--batch_size", type=int, default=None, help="new path: positions per pass (default: auto)")
     p.add_argument("--old_batch_size", type=int, default=DEFAULT_POSITION_BUDGET)
     p.add_argument("--skip_gradient", action="store_true", help="time IG only")
@@ -101,13 +91,9 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=25, help="profiler table rows")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    t0 = time.perf_counter()
-    model, tok = load_model_and_tokenizer(args.model_name, device, resolve_dtype(args.dtype))
-    load_s = time.perf_counter() - t0
-    fmt = resolve_prompt_format("auto", tok)
-    rows = load_samples(args.dataset, args.num_data)
-    prompts, budgets = label_inputs(tok, rows, fmt)
+    loaded = load_model_and_prompts(args)
+    device, model, tok, load_s = loaded.device, loaded.model, loaded.tokenizer, loaded.load_s
+    prompts, budgets = loaded.prompts, loaded.budgets
     sync(device)
     t0 = time.perf_counter()
     labels = greedy_labels(model, prompts, budgets, eos_token_ids(model, tok), tok.pad_token_id,

@@ -17,6 +17,7 @@ from .models import resolve_device, resolve_dtype
 from .prompts import PROMPT_FORMATS
 
 FROM_LABELS = f"from {LABELS.path}"
+_UTILS = os.path.dirname(os.path.abspath(__file__))
 
 HELP = {
     "model_name": "hub id (microsoft/phi-2), local folder, .gguf file, or one of the offline models: "
@@ -41,8 +42,11 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(description=description, **kwargs)
         # the script that builds this parser holds the constants its defaults come from (run_pipeline.py
-        # parses every step's command line with that step's parser)
-        caller = sys._getframe(1).f_globals.get("__file__")
+        # parses every step's command line with that step's parser): the first caller outside utils/
+        frame = sys._getframe(1)
+        while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _UTILS:
+            frame = frame.f_back
+        caller = frame.f_globals.get("__file__") if frame is not None else None
         self.script = os.path.basename(caller) if caller else self.prog
 
     def error(self, message):
@@ -171,3 +175,13 @@ def add_run_flags(parser, *, num_data, device: str) -> None:
     parser.add_argument("--seed", type=seed_value, default=None, help=f"{HELP['seed']} (default: {FROM_LABELS})")
     parser.add_argument("--prompt_format", default=None, choices=PROMPT_FORMATS,
                         help=f"{HELP['prompt_format']} (default: {FROM_LABELS})")
+
+
+def step_parser(description: str, run_script, num_data) -> Parser:
+    """The parser of a step after the labels, with the shared flags: ``--dataset``, ``--result_dir`` and
+    ``--device`` default to ``run_script``'s constants (label_generation.py, the step that makes the run),
+    ``--num_data`` to ``num_data``; the step adds its own flags."""
+    parser = Parser(description)
+    add_location_flags(parser, dataset=run_script.DATASET, result_dir=run_script.RESULT_DIR)
+    add_run_flags(parser, num_data=num_data, device=run_script.DEVICE)
+    return parser

@@ -18,7 +18,7 @@ from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, res
 from .paths import ResultPaths
 from .prompts import label_inputs, resolve_prompt_format
 from .provenance import dtype_name, retire_previous_run, retirement_folder, write_scores
-from .run import seed_everything
+from .run import open_run, seed_everything
 from .sites import COMPONENTS
 
 
@@ -163,3 +163,11 @@ def _score_samples(run, attributor, ckpt, wanted, gradients, ig_steps, batch_siz
             return {name: scores[name] for name in wanted}
 
         return map_samples(ckpt, run.num_data, score_one, skipped=lambda i: bar.update(len(labels.label_ids[i])))
+
+
+def magnitude_step(args, component: str) -> None:
+    """Mag_attention.py / Mag_mlp.py: the magnitudes of one component's units, for the run ``args`` names."""
+    run = open_run(args)
+    compute_scores(run, ["magnitude"], components=(component,))
+    if current_shard().is_main:
+        print(f"wrote {run.paths.score('magnitude', component)}")
