@@ -35,8 +35,8 @@ from utils.sweep import SweepRequest
 from utils.sweep_results import sweep_done
 
 IG_NUM_DATA = None     # the driver's own: None runs IG on every sample; fewer keeps IG affordable on a CPU
-# --offline: the laptop-CPU quick start, a smoke test of every step in about 2 minutes on 2 cores (IG, the
-# costly metric, on the first sample with 4 steps; the sweep, arithmetic-bound there, is 6-8 s a sample)
+# --offline: the laptop-CPU quick start, a smoke test of every step sized to take under 2 minutes on 2 cores
+# (IG, the costly metric, on the first sample with 4 steps; BENCHMARKS.md has the timings)
 OFFLINE = {"model_name": OFFLINE_MODEL, "dataset": "truthfulqa-offline", "num_data": 8, "ig_num_data": 1,
            "n_steps": 4}
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from .artifacts import score_key
+from .artifacts import KINDS, score_key
 from .ig import IntegratedGradients, ig_from_gradients, saved_per_position
 from .memory import free_memory_budget, halve_on_oom
 from .passes import DensePasses
 from .sites import ATTN, COMPONENTS, SiteHooks
 from .units import head_mean
 
-SCORE_METRICS = ("gradient", "gxo", "ig")
+# the kinds attribution_attention.py --metric computes: every per-unit kind of a backward or IG pass
+SCORE_METRICS = tuple(k.name for k in KINDS.values() if k.computed_by in ("backward", "ig") and not k.per_layer)
 DEFAULT_POSITION_BUDGET = 2048   # token positions per pass where free memory cannot be asked (CPU)
 STEP_MODES = ("auto", "cached", "batched", "prefix")
 

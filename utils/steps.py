@@ -123,7 +123,7 @@ def compute_scores(run, kinds: list[str], *, components=COMPONENTS, ig_steps: in
     steps of a sample run (utils/attribution.py: ``resolve_step_mode``); IG always runs cached.
     ``batch_size`` bounds the token positions of one forward/backward pass, for IG and for batched steps
     (None: automatic)."""
-    gradients = bool({"gradient", "gxo"} & set(kinds))
+    gradients = any(artifacts.KINDS[k].computed_by == "backward" for k in kinds)
     out_kinds = list(kinds) + (["grad_norm"] if gradients else [])
     wanted = [artifacts.score(k, c) for k in out_kinds for c in components]
     labels = run.labels
