@@ -11,7 +11,8 @@ from utils.attribution import SCORE_METRICS, STEP_MODES
 from utils.cli import cli_entry
 from utils.distributed import current_shard
 from utils.errors import PipelineError
-from utils.flags import Parser, at_least_one, step_parser
+from utils.flags import Parser, at_least, at_least_one, step_parser
+from utils.ig import MAX_IG_STEPS
 from utils.run import open_run
 from utils.sites import ATTN
 from utils.steps import compute_scores
@@ -27,7 +28,7 @@ NUM_DATA = None                 # None: every labelled sample
 def build_parser() -> Parser:
     parser = step_parser(__doc__, label_generation, NUM_DATA)
     parser.add_argument("--metric", nargs="+", default=METRICS, help=f"any of {', '.join(SCORE_METRICS)}")
-    parser.add_argument("--n_steps", type=at_least_one("--n_steps"), default=N_STEPS,
+    parser.add_argument("--n_steps", type=at_least(1, "--n_steps", maximum=MAX_IG_STEPS), default=N_STEPS,
                         help="integrated-gradients steps (alpha_k = k/n)")
     parser.add_argument("--batch_size", type=at_least_one("--batch_size", "; leave it out for the automatic size"),
                         default=BATCH_SIZE,

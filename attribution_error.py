@@ -7,7 +7,7 @@ import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that
 from utils.attribution_error import measure_attribution_error
 from utils.cli import cli_entry
 from utils.errors import PipelineError
-from utils.flags import Parser, at_least_one, step_parser
+from utils.flags import Parser, at_least_one, seed_flag, step_parser
 from utils.metric_registry import studied_metrics
 from utils.run import open_run
 from utils.sweep import load_metric_scores
@@ -28,7 +28,8 @@ def build_parser() -> Parser:
                         help="units removed one at a time, per component, per measured step")
     parser.add_argument("--steps", type=at_least_one("--steps"), default=STEPS,
                         help="measured steps per sample (t >= 1)")
-    parser.add_argument("--unit_seed", type=int, default=UNIT_SEED, help="seed of the random steps and units")
+    parser.add_argument("--unit_seed", type=seed_flag("--unit_seed"), default=UNIT_SEED,
+                        help="seed of the random steps and units")
     parser.add_argument("--batch_size", type=at_least_one("--batch_size"), default=BATCH_SIZE,
                         help="removals per forward pass")
     return parser

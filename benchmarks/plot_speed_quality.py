@@ -37,7 +37,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         results = read_json(args.results)
-        results["curves"]
+        curves = results["curves"]
+        if not isinstance(curves, dict) or not all(isinstance(c, dict) and isinstance(c.get("points"), list)
+                                                   for c in curves.values()):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         raise PipelineError(f"{args.results} is not a sweep's results.json; run main.py first") from None
     stem = Path(args.out) if args.out else Path(args.results).with_name("speed_quality")

@@ -220,3 +220,14 @@ def test_an_edited_constant_gets_its_flags_check(monkeypatch, module, constant, 
 def test_seed_out_of_range_is_one_line(seed):
     with pytest.raises(PipelineError, match="--seed must be between 0 and 4294967295"):
         label_generation.build_parser().parse_args(["--seed", seed])
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("attribution_attention", ["--n_steps", str(10 ** 20)], "--n_steps must be at most 100000"),
+    ("attribution_error", ["--unit_seed", str(10 ** 20)], "--unit_seed must be between 0 and 4294967295"),
+    ("attribution_error", ["--unit_seed", "-1"], "--unit_seed must be between 0 and 4294967295"),
+])
+def test_counts_and_seeds_that_cannot_work_are_refused_up_front(script, argv, message):
+    """A count too large to fit in memory, or a seed numpy refuses: one line before any work."""
+    with pytest.raises(PipelineError, match=message):
+        importlib.import_module(script).build_parser().parse_args(argv)

@@ -51,8 +51,12 @@ def test_title_names_model_dataset_samples_and_ig_steps():
 def test_bad_benchmark_json_is_refused(tmp_path):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps([{"device": "cpu", "kept": 0.5}]))
-    with pytest.raises(PipelineError, match="needs rows with finite 'kept' and 'speedup'"):
+    with pytest.raises(PipelineError, match="needs rows with 'kept' in \\(0, 1\\] and a finite positive 'speedup'"):
         load_speed_rows(bench)
+    for bad in ({"kept": 0.5, "speedup": -1.2}, {"kept": 0.5, "speedup": 0.0}, {"kept": 1.5, "speedup": 1.0}):
+        bench.write_text(json.dumps([{"device": "cpu", **bad}]))
+        with pytest.raises(PipelineError, match="finite positive 'speedup'"):
+            load_speed_rows(bench)
     with pytest.raises(PipelineError, match="cannot read the benchmark JSON"):
         load_speed_rows(tmp_path / "missing.json")
 
@@ -103,3 +107,25 @@ def test_curve_on_fewer_samples_is_set_apart(tmp_path, monkeypatch):
     drawn.clear()
     plot_tradeoff(results(), tmp_path / "tradeoff")
     assert [t.get_text() for t in drawn[0].texts] == [drawn[0].get_suptitle()]   # all on every sample: no note
+
+
+def test_speed_figure_refuses_what_it_cannot_draw(tmp_path, capsys):
+    """Only oracle curves (what a sweep gives by default), an unknown source, or a results file of the
+    wrong shape: one line naming the fix, and no empty figure."""
+    import benchmarks.plot_speed_quality as script
+
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": ROWS}))
+    only_oracle = results()
+    del only_oracle["curves"]["gxo@prompt"]
+    with pytest.raises(PipelineError, match=r"hold no curve of prompt, static \(only oracle\); rerun main.py with "
+                                            r"--source prompt static, or draw those it has with --source oracle"):
+        plot_speed_quality(only_oracle, bench, tmp_path / "speed")
+    with pytest.raises(PipelineError, match="unknown --source nope; choose from oracle, prompt, static"):
+        plot_speed_quality(results(), bench, tmp_path / "speed", sources=["nope"])
+    assert not (tmp_path / "speed.png").exists()
+    wrong = tmp_path / "results.json"
+    wrong.write_text(json.dumps({"curves": [1, 2]}))
+    with pytest.raises(SystemExit) as exc:
+        script.main([str(wrong), str(bench)])
+    assert exc.value.code == 2 and "is not a sweep's results.json" in capsys.readouterr().err

@@ -93,12 +93,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 # -- checks (argparse ``type`` functions: run on every given value and on string defaults) -----------------
-def at_least(minimum: int, flag: str, hint: str = ""):
-    """An int flag that must be >= ``minimum``."""
+def at_least(minimum: int, flag: str, hint: str = "", maximum: int | None = None):
+    """An int flag that must be >= ``minimum`` (and <= ``maximum``, where a larger count could not fit in
+    memory: refused before any work rather than after the process has grown until it is killed)."""
     def check(text):
         value = int(text)          # a ValueError becomes argparse's "invalid ... value" line
         if value < minimum:
             raise PipelineError(f"{flag} must be at least {minimum} (got {value}){hint}")
+        if maximum is not None and value > maximum:
+            raise PipelineError(f"{flag} must be at most {maximum} (got {value})")
         return value
     check.__name__ = "int"
     return check
@@ -112,15 +115,18 @@ def at_least_one(flag: str, hint: str = ""):
 SEED_MAX = 2 ** 32 - 1    # numpy's seed range
 
 
-def seed_value(text) -> int:
-    """A --seed: a whole number numpy, random and torch all accept."""
-    value = int(text)
-    if not 0 <= value <= SEED_MAX:
-        raise PipelineError(f"--seed must be between 0 and {SEED_MAX} (got {value})")
-    return value
+def seed_flag(flag: str):
+    """A seed flag: a whole number numpy, random and torch all accept."""
+    def check(text) -> int:
+        value = int(text)
+        if not 0 <= value <= SEED_MAX:
+            raise PipelineError(f"{flag} must be between 0 and {SEED_MAX} (got {value})")
+        return value
+    check.__name__ = "int"
+    return check
 
 
-seed_value.__name__ = "int"
+seed_value = seed_flag("--seed")
 
 
 def device_name(text: str) -> str:

@@ -36,6 +36,10 @@ from .kv_cache import SharedPrefix, repeated_cache
 from .sites import COMPONENTS
 from .units import head_mean
 
+# integrated-gradients steps allowed: far beyond the 20-300 the field uses, small enough that the alpha grid
+# and the step bookkeeping fit in memory (a huge count would grow the process until the kernel kills it)
+MAX_IG_STEPS = 100_000
+
 
 def ig_alphas(n_steps: int) -> list[float]:
     """The IG grid: alpha_k = k / n_steps for k = 1..n_steps (the last, 1, is the dense model)."""

@@ -146,13 +146,14 @@ def load_speed_rows(bench_json) -> dict:
         paths_of = {}
         try:
             for r in rows:
-                if not (math.isfinite(float(r["kept"])) and math.isfinite(float(r["speedup"]))):
+                kept, speedup = float(r["kept"]), float(r["speedup"])
+                if not (math.isfinite(speedup) and speedup > 0 and 0 < kept <= 1):
                     raise ValueError
                 key = (str(r.get("device", default_device)), r.get("batch", 1))
                 paths_of.setdefault(key, {}).setdefault((r.get("fused"), r.get("compile")), []).append(r)
         except (TypeError, KeyError, ValueError):
-            raise PipelineError(f"{path} is not a decode benchmark JSON: it needs rows with finite 'kept' and "
-                                "'speedup' (and 'device', 'batch')") from None
+            raise PipelineError(f"{path} is not a decode benchmark JSON: it needs rows with 'kept' in (0, 1] and "
+                                "a finite positive 'speedup' (and 'device', 'batch')") from None
         for key, variants in paths_of.items():
             def dense_ms(group):
                 dense = [r for r in group if float(r["kept"]) == 1.0 and "ms_per_token" in r]
@@ -171,6 +172,14 @@ def plot_speed_quality(results: dict, bench_json, stem: Path, measure: str = "bl
     answer, so no sparse model runs it)."""
     groups = load_speed_rows(bench_json)
     sources = label_free_sources() if sources is None else sources
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise PipelineError(f"unknown --source {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
+    have = sorted({_curve_metric_source(k, c)[1] for k, c in results["curves"].items()})
+    if not set(have) & set(sources):
+        raise PipelineError(f"the sweep's results hold no curve of {', '.join(sources)} (only {', '.join(have) or 'none'}); "
+                            f"rerun main.py with --source {' '.join(sources)}, or draw those it has with "
+                            f"--source {' '.join(have)}")
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.4), sharey=True, squeeze=False)
     for ax, ((device, batch), rows) in zip(axes[0], sorted(groups.items(), key=lambda g: str(g[0]))):
         for key, curve in results["curves"].items():
