@@ -433,3 +433,26 @@ def test_file_system_faults(code, expected, run_copy, monkeypatch, capsys):
     after = snapshot(result)
     assert {k: v for k, v in after.items() if ".parts" not in k} == before
     assert not [p for p in result.rglob("*.tmp")]
+
+
+def test_labels_all_empty_say_nothing_can_be_evaluated(run_copy, capsys):
+    """Every evaluated label empty (the model's first token was EOS): one line before the sweep replaces
+    anything, not a 'done' sweep of NaN curves."""
+    from utils.labelset import run_id_of
+
+    result, where = run_copy
+    main_args = ["main", "--metric_name", "magnitude", *where]
+    in_process(*main_args)
+    capsys.readouterr()
+    before = (result / "res" / "both" / "results.json").read_bytes()
+    path = result / "labels.json"
+    data = json.loads(path.read_text())
+    data["labels"] = ["" for _ in data["labels"]]
+    data["label_token_ids"] = [[] for _ in data["label_token_ids"]]
+    data["run_id"] = run_id_of(data["settings"], data["label_token_ids"])     # a consistent (not edited) file
+    path.write_text(json.dumps(data))
+    msg = exits_2(capsys, *main_args)
+    assert msg == (f"error: all 2 evaluated labels in {path} are empty (the model's first token was its "
+                   "end-of-sequence token), so nothing can be evaluated; try another --prompt_format, model or "
+                   "dataset, and rerun label_generation.py")
+    assert (result / "res" / "both" / "results.json").read_bytes() == before

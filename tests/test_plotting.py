@@ -129,3 +129,15 @@ def test_speed_figure_refuses_what_it_cannot_draw(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         script.main([str(wrong), str(bench)])
     assert exc.value.code == 2 and "is not a sweep's results.json" in capsys.readouterr().err
+
+
+def test_kl_and_perplexity_figures_of_one_token_labels(tmp_path):
+    """Labels of one token have no masked step, so no KL or perplexity: the figures say so (a log scale
+    of nothing used to raise)."""
+    empty = results()
+    for curve in empty["curves"].values():
+        for point in curve["points"]:
+            point["kl"] = point["ppl"] = None
+    for measure in ("kl", "ppl"):
+        plot_tradeoff(empty, tmp_path / measure, measure)
+        assert (tmp_path / f"{measure}.png").read_bytes()[:4] == b"\x89PNG"

@@ -62,6 +62,7 @@ def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
     most = max(c["samples"] for c in curves.values())
     fig, axes = plt.subplots(1, len(sources), figsize=(6.4 if len(sources) == 1 else 4.6 * len(sources), 4.4),
                              sharey=True, squeeze=False)
+    drawn = 0
     for ax, source in zip(axes[0], sources):
         for key, curve in curves.items():
             metric, src = _curve_metric_source(key, curve)
@@ -69,6 +70,7 @@ def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
                 continue
             pts = sorted((p for p in curve["points"] if p.get(measure) is not None
                           and not math.isnan(p[measure])), key=lambda p: p["activation_ratio"])
+            drawn += len(pts)
             label, color, marker = _metric_style(metric)
             style = {"marker": marker, "color": color, "linewidth": 1.5, "markersize": 4}
             if curve["samples"] < most:
@@ -78,14 +80,18 @@ def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
         if len(sources) > 1 or source != "oracle":
             ax.set_title(SOURCES[source].title if source in SOURCES else source, fontsize=9)
         ax.set_xlim(0, 1.02)
-        if measure == "ppl":
+        if measure == "ppl" and drawn:
             ax.set_yscale("log")
-        elif measure != "kl":
+        elif measure not in ("kl", "ppl"):
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(MEASURE_LABEL.get(measure, measure))
     fig.suptitle(_title(results), fontsize=10)
+    if not drawn:
+        # KL and perplexity are averaged over the masked steps t >= 1: labels of one token have none
+        fig.text(0.5, 0.5, f"no {measure} values: no sample has a masked step (every label is one token long)",
+                 ha="center", va="center", fontsize=9, color="0.3")
     fewer = sorted({c["samples"] for c in curves.values() if c["samples"] < most})
     if fewer:
         fig.text(0.5, -0.01, _fewer_samples_note(fewer, most), ha="center", va="top", fontsize=7, color="0.3")

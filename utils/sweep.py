@@ -214,6 +214,7 @@ def plan_sweep(run, request: SweepRequest) -> SweepPlan:
     """Load the requested metrics' scores and settle the curves: every source for every metric with files,
     except a calibrated source for a metric that cannot be calibrated."""
     request = replace(request, num_data=run.num_data)
+    check_something_to_evaluate(run.labels.label_ids[:run.num_data], run.labels.path)
     scores, skipped = load_metric_scores(run, request.metrics, request.explicit)
     metrics = list(scores)
     counts = {m: min(run.num_data, metric_sample_count(scores[m])) for m in metrics}
@@ -224,6 +225,15 @@ def plan_sweep(run, request: SweepRequest) -> SweepPlan:
     variants = [(m, src) for src in request.sources for m in metrics
                 if not get_source(src).needs_calibration or m in calibrated]
     return SweepPlan(request, scores, skipped, counts, variants, inputs, calibrated, selected)
+
+
+def check_something_to_evaluate(label_ids: list, where) -> None:
+    """Refuse, before anything is replaced, a sweep whose evaluated labels are all empty: every sample would
+    be skipped and every curve would be NaN."""
+    if label_ids and not any(label_ids):
+        raise PipelineError(f"all {len(label_ids)} evaluated labels in {where} are empty (the model's first token "
+                            "was its end-of-sequence token), so nothing can be evaluated; try another "
+                            "--prompt_format, model or dataset, and rerun label_generation.py")
 
 
 class SampleSweep:
