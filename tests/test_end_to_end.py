@@ -134,7 +134,9 @@ def test_sweep_outputs(pipeline):
         assert per["metric"] == metric and per["source"] == "oracle"
         assert per["points"] == results["curves"][metric]["points"]
     rows = (res / "results.csv").read_text().strip().splitlines()
-    assert rows[0] == "metric,source,deactivation_ratio,activation_ratio,bleu,token_agreement,kl,ppl,samples"
+    assert rows[0] == ("metric,source,deactivation_ratio,activation_ratio,bleu,token_agreement,kl,ppl,samples,"
+                       "bleu_ci_low,bleu_ci_high,token_agreement_ci_low,token_agreement_ci_high,kl_ci_low,kl_ci_high,"
+                       "ppl_ci_low,ppl_ci_high")
     assert all(r.split(",")[1] == "oracle" for r in rows[1:])
     assert len(rows) == 1 + len(METRICS) * len(RATIOS)
     s = results["settings"]

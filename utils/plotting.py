@@ -62,7 +62,7 @@ def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
     most = max(c["samples"] for c in curves.values())
     fig, axes = plt.subplots(1, len(sources), figsize=(6.4 if len(sources) == 1 else 4.6 * len(sources), 4.4),
                              sharey=True, squeeze=False)
-    drawn = 0
+    drawn, banded = 0, False
     for ax, source in zip(axes[0], sources):
         for key, curve in curves.items():
             metric, src = _curve_metric_source(key, curve)
@@ -76,6 +76,12 @@ def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
             if curve["samples"] < most:
                 label, style = _fewer_samples_style(label, style, curve["samples"])
             ax.plot([p["activation_ratio"] for p in pts], [p[measure] for p in pts], label=label, **style)
+            band = [p for p in pts if p.get(f"{measure}_ci") is not None]
+            if band:       # the 95 % bootstrap interval over samples (utils/intervals.py)
+                banded = True
+                ax.fill_between([p["activation_ratio"] for p in band], [p[f"{measure}_ci"][0] for p in band],
+                                [p[f"{measure}_ci"][1] for p in band], color=style["color"], alpha=0.12,
+                                linewidth=0)
         ax.set_xlabel("activation ratio (share of head + neuron parameters kept)", fontsize=8 if len(sources) > 1 else 10)
         if len(sources) > 1 or source != "oracle":
             ax.set_title(SOURCES[source].title if source in SOURCES else source, fontsize=9)
@@ -93,8 +99,10 @@ def plot_tradeoff(results: dict, stem: Path, measure: str = "bleu") -> None:
         fig.text(0.5, 0.5, f"no {measure} values: no sample has a masked step (every label is one token long)",
                  ha="center", va="center", fontsize=9, color="0.3")
     fewer = sorted({c["samples"] for c in curves.values() if c["samples"] < most})
-    if fewer:
-        fig.text(0.5, -0.01, _fewer_samples_note(fewer, most), ha="center", va="top", fontsize=7, color="0.3")
+    notes = (["shaded: 95 % bootstrap interval over the samples"] if banded else []) + \
+        ([_fewer_samples_note(fewer, most)] if fewer else [])
+    if notes:
+        fig.text(0.5, -0.01, "\n".join(notes), ha="center", va="top", fontsize=7, color="0.3")
     for suffix in (".png", ".pdf"):
         save_figure(fig, Path(str(stem) + suffix))
     plt.close(fig)

@@ -9,12 +9,16 @@ import io
 import math
 import os
 
+import numpy as np
+
 from .artifacts import KINDS, RESULT_FILES
 from .errors import PipelineError
+from .intervals import bootstrap_interval
 from .io import read_json, write_json, write_text
 from .labelset import load_labels
 from .metric_registry import METRICS, get_metric
 from .provenance import meta_path
+from .quality import MEASURES
 from .sites import ATTN, COMPONENTS
 from .sources import SOURCES, curve_key
 
@@ -63,7 +67,8 @@ def sweep_done(paths, run_id: str, request) -> bool:
 def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
     """Per (metric, source) and ratio: mean BLEU and token agreement over samples; activation ratio = kept
     parameter weight / total over all samples' masked steps (a token-weighted share); KL and perplexity
-    over all samples' masked steps (token-weighted: KL the mean, perplexity exp of the mean NLL)."""
+    over all samples' masked steps (token-weighted: KL the mean, perplexity exp of the mean NLL); and for
+    each quality measure ``<measure>_ci``, its 95 % bootstrap interval over the samples."""
     curves = {}
     for m, src in variants:
         points = []
@@ -72,6 +77,8 @@ def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
             total = sum(r["total_weight"] for r in sel)
             scored = [r for r in sel if r["kl"] is not None]
             steps = sum(r["masked_steps"] for r in scored)
+            weighted = [r for r in scored if r["masked_steps"]]
+            steps_of = [r["masked_steps"] for r in weighted]
             points.append({
                 "deactivation_ratio": float(p),
                 "activation_ratio": sum(r["kept_weight"] for r in sel) / total if total else 1.0,
@@ -80,7 +87,13 @@ def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
                 "kl": sum(r["kl"] * r["masked_steps"] for r in scored) / steps if steps else None,
                 "ppl": math.exp(sum(math.log(r["ppl"]) * r["masked_steps"] for r in scored) / steps)
                 if steps else None,
-                "samples": len(sel)})
+                "samples": len(sel),
+                # 95 % bootstrap intervals over the samples (utils/intervals.py), the same statistic as above
+                "bleu_ci": bootstrap_interval([r["bleu"] for r in sel]),
+                "token_agreement_ci": bootstrap_interval([r["token_agreement"] for r in sel]),
+                "kl_ci": bootstrap_interval([r["kl"] for r in weighted], steps_of) if steps else None,
+                "ppl_ci": bootstrap_interval([math.log(r["ppl"]) for r in weighted], steps_of, np.exp)
+                if steps else None})
         curves[curve_key(m, src)] = {"metric": m, "source": src, "samples": counts[m], "points": points}
     return {"curves": curves}
 
@@ -140,11 +153,20 @@ def _csv(results: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["metric", "source", "deactivation_ratio", "activation_ratio", "bleu", "token_agreement",
-                     "kl", "ppl", "samples"])
+                     "kl", "ppl", "samples"] + [f"{m}_ci_{end}" for m in MEASURES for end in ("low", "high")])
     for curve in results["curves"].values():
         for pt in curve["points"]:
             writer.writerow([curve["metric"], curve["source"], pt["deactivation_ratio"],
                              f"{pt['activation_ratio']:.6f}", f"{pt['bleu']:.4f}", f"{pt['token_agreement']:.6f}",
                              "" if pt["kl"] is None else f"{pt['kl']:.6g}",
-                             "" if pt["ppl"] is None else f"{pt['ppl']:.6g}", pt["samples"]])
+                             "" if pt["ppl"] is None else f"{pt['ppl']:.6g}", pt["samples"]] + _ci_cells(pt))
     return buf.getvalue()
+
+
+def _ci_cells(point: dict) -> list[str]:
+    """The low and high end of each measure's interval (empty where the point has none)."""
+    cells = []
+    for measure in MEASURES:
+        ci = point.get(f"{measure}_ci")
+        cells += ["", ""] if ci is None else [f"{ci[0]:.6g}", f"{ci[1]:.6g}"]
+    return cells
