@@ -1,7 +1,7 @@
 """Greedy generation of masked variants (the sweep, METHOD §5): all sparsity levels and metrics of one
 sample decoded together as one batch (on a GPU, several samples' batches together:
 :func:`masked_generate_many`).  The labels themselves come from :mod:`utils.labels` (many samples as one
-batch); :func:`dense_label`, batch-1 ``generate``, is the reference they are checked against."""
+batch), checked against batch-1 ``generate`` (``dense_label`` in tests/reference.py)."""
 from __future__ import annotations
 
 import torch

@@ -17,6 +17,7 @@ from torch import nn
 
 from .architecture import decoder_layers, layer_modules, qkv_names, spell_qkv
 from .errors import PipelineError
+from .sparse_model import unique_params
 
 GPU_READ_BYTES = 2 ** 30          # at least 1 GiB on a GPU: far larger than its L2 cache
 CPU_READ_BYTES = 2 ** 28          # 256 MiB on a CPU: far larger than its caches
@@ -63,15 +64,6 @@ def read_bandwidth(device, dtype: torch.dtype = torch.float32, nbytes: int | Non
             "kernel": kernel}
 
 
-def _unique(params):
-    seen = set()
-    for p in params:
-        key = (p.data_ptr(), p.numel())
-        if key not in seen:
-            seen.add(key)
-            yield p
-
-
 def weight_read_bytes(model: nn.Module, batch: int = 1) -> int:
     """Bytes of parameters one decode step reads: every parameter in full, except an input embedding
     table that is not also the LM head, of which only the ``batch`` looked-up rows are read."""
@@ -79,7 +71,7 @@ def weight_read_bytes(model: nn.Module, batch: int = 1) -> int:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
     total = 0
-    for p in _unique(model.parameters()):
+    for p in unique_params(model):
         if p.data_ptr() == emb.data_ptr() and not tied:
             total += batch * p.shape[-1] * p.element_size()
         else:

@@ -218,7 +218,8 @@ def sparse_cache(cache, plan: SparsePlan):
     return new
 
 
-def _unique_params(module: nn.Module):
+def unique_params(module: nn.Module) -> list:
+    """The module's parameters, a tensor shared by several modules (tied embeddings) once."""
     seen, out = set(), []
     for p in module.parameters():
         key = (p.data_ptr(), p.numel()) if p.device.type != "meta" else id(p)
@@ -231,7 +232,7 @@ def _unique_params(module: nn.Module):
 def weight_bytes(model: nn.Module) -> dict:
     """Bytes of the model's parameters, each tensor once (tied embeddings count once): ``total``,
     ``embeddings`` (input embeddings and lm_head) and ``rest`` (everything else)."""
-    total = sum(p.numel() * p.element_size() for p in _unique_params(model))
+    total = sum(p.numel() * p.element_size() for p in unique_params(model))
     emb_mods = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     emb = {(p.data_ptr(), p.numel()): p.numel() * p.element_size() for m in emb_mods for p in m.parameters()}
     embeddings = sum(emb.values())

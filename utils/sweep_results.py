@@ -77,8 +77,7 @@ def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
             total = sum(r["total_weight"] for r in sel)
             scored = [r for r in sel if r["kl"] is not None]
             steps = sum(r["masked_steps"] for r in scored)
-            weighted = [r for r in scored if r["masked_steps"]]
-            steps_of = [r["masked_steps"] for r in weighted]
+            steps_of = [r["masked_steps"] for r in scored]     # >= 1: KL exists only with a masked step
             points.append({
                 "deactivation_ratio": float(p),
                 "activation_ratio": sum(r["kept_weight"] for r in sel) / total if total else 1.0,
@@ -91,8 +90,8 @@ def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
                 # 95 % bootstrap intervals over the samples (utils/intervals.py), the same statistic as above
                 "bleu_ci": bootstrap_interval([r["bleu"] for r in sel]),
                 "token_agreement_ci": bootstrap_interval([r["token_agreement"] for r in sel]),
-                "kl_ci": bootstrap_interval([r["kl"] for r in weighted], steps_of) if steps else None,
-                "ppl_ci": bootstrap_interval([math.log(r["ppl"]) for r in weighted], steps_of, np.exp)
+                "kl_ci": bootstrap_interval([r["kl"] for r in scored], steps_of) if steps else None,
+                "ppl_ci": bootstrap_interval([math.log(r["ppl"]) for r in scored], steps_of, np.exp)
                 if steps else None})
         curves[curve_key(m, src)] = {"metric": m, "source": src, "samples": counts[m], "points": points}
     return {"curves": curves}
