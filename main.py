@@ -82,7 +82,7 @@ def main(argv=None):
     for key, curve in results["curves"].items():
         cells = " ".join(f"{pt['activation_ratio']:.2f}/{pt['bleu']:5.1f}".rjust(13) for pt in curve["points"])
         print(f"{key:<{width}} {cells}")
-    label_free = " and ".join(f"metric@{s}" for s in label_free_sources())
+    label_free = ", ".join(f"metric@{s}" for s in label_free_sources())
     print(f"(cells: activation ratio / BLEU; {label_free}: the label-free mask sources)")
     figures = ", ".join(figure_stem(m) + ext for m in request.plot_metrics for ext in (".png", ".pdf"))
     print(f"wrote {run.paths.res}/results.json, results.csv, per_sample.json, {figures}")

@@ -259,6 +259,7 @@ def test_sweep_with_every_source(pipeline, llama_copy, capsys):
     assert code == 0, err
     results = json.loads((res / "results.json").read_text())
     keys = METRICS + [f"{m}@prompt" for m in METRICS] + [f"{m}@static" for m in METRICS]
+    keys += [f"{m}@{src}" for src in ("online", "teal") for m in ("magnitude", "wina")]   # no predictor trained
     assert list(results["curves"]) == keys
     for key, curve in results["curves"].items():
         metric, _, source = key.partition("@")
@@ -269,12 +270,12 @@ def test_sweep_with_every_source(pipeline, llama_copy, capsys):
         assert (p0["bleu"], p0["activation_ratio"]) == (pytest.approx(100.0), 1.0), key
         assert p0["kl"] == pytest.approx(0.0, abs=1e-6), key
     assert results["settings"]["calibration_samples"] == [1, 1]
-    assert results["settings"]["sources"] == ["oracle", "prompt", "static"]
+    assert results["settings"]["sources"] == ["oracle", "prompt", "static", "online", "predictor", "teal"]
     for name in ("tradeoff.png", "tradeoff.pdf", "tradeoff_kl.png", "tradeoff_kl.pdf"):
         assert (res / name).stat().st_size > 0
     csv_rows = (res / "results.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + len(keys) * len(ratios)
-    assert {r.split(",")[1] for r in csv_rows[1:]} == {"oracle", "prompt", "static"}
+    assert {r.split(",")[1] for r in csv_rows[1:]} == {"oracle", "prompt", "static", "online", "teal"}
     # the oracle rows are today's: the same outputs and weights as the pipeline's oracle-only sweep
     rows = json.loads((res / "per_sample.json").read_text())
     before = [r for r in json.loads((pipeline.res / "per_sample.json").read_text())

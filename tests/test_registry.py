@@ -178,20 +178,21 @@ def test_a_declared_source_is_everywhere(toy_sources):
     assert all(torch.equal(masks[:, t], source_keep_masks("oracle", rank, [0.0, 0.5])[:, 3]) for t in range(4))
     help_text = " ".join(sweep_main.build_parser().format_help().split())
     assert "last (the last step's mask for every step), or all" in help_text
-    assert "oracle prompt static last or all" in " ".join(run_pipeline.build_parser().format_help().split())
-    assert label_free_sources() == ("prompt", "static")
+    assert "oracle prompt static online predictor teal last or all" in " ".join(run_pipeline.build_parser().format_help().split())
+    assert label_free_sources() == ("prompt", "static", "online", "predictor", "teal", "last")
     request = sweep_request(["gxo"], ratios=[0.0], sources=["last"])
     assert request.calib_num_data is None
 
     register_source(Source("median", SOURCES["static"].keep_scores, "calibrated median", "median", ":",
                            needs_calibration=True))
-    assert calibrated_sources() == ("static", "median")
+    assert calibrated_sources() == ("static", "predictor", "teal", "median")
     assert sweep_request(["gxo"], ratios=[0.0], sources=["median"]).calib_num_data == 100
-    with pytest.raises(PipelineError, match=r"^--calib_num_data only applies to --source static or median; drop it "
-                                            r"or add static or median$"):
+    with pytest.raises(PipelineError, match=r"^--calib_num_data only applies to --source static or predictor or teal "
+                                            r"or median; drop it or add static or predictor or teal or median$"):
         sweep_request(["gxo"], ratios=[0.0], sources=["oracle"], calib_num_data=3)
     unregister_source("median")
     unregister_source("last")
-    assert calibrated_sources() == ("static",) and list(SOURCES) == ["oracle", "prompt", "static"]
+    assert calibrated_sources() == ("static", "predictor", "teal")
+    assert list(SOURCES) == ["oracle", "prompt", "static", "online", "predictor", "teal"]
     with pytest.raises(PipelineError, match="unknown --source last; choose from oracle, prompt, static or all"):
         parse_sources(["last"])

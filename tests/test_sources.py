@@ -134,7 +134,7 @@ def test_static_without_calibration_steps_is_refused():
 
 def test_source_names():
     assert parse_sources(["static", "oracle"]) == ["oracle", "static"]
-    assert parse_sources(["all"]) == ["oracle", "prompt", "static"]
+    assert parse_sources(["all"]) == ["oracle", "prompt", "static", "online", "predictor", "teal"]
     with pytest.raises(PipelineError, match="unknown --source label"):
         parse_sources(["label"])
     with pytest.raises(PipelineError, match="repeats prompt"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import PipelineError
@@ -244,3 +245,23 @@ def input_width(module: nn.Module) -> int:
     if weight is not None and weight.dim() == 2:
         return weight_out_in(module).shape[1]
     raise PipelineError(f"unsupported architecture: cannot read the input width of {type(module).__name__}")
+
+
+def block_projections(layer: nn.Module, index: int) -> dict:
+    """``{"<block>.<name>": module}``: every projection (a child with a 2-D weight: ``nn.Linear`` or GPT-2's
+    ``Conv1D``) of decoder layer ``index``'s attention and MLP blocks, in the order the blocks declare them.
+    These are the weight matrices a unit's parameters are counted in (METHOD §5) and whose input channels
+    ``teal`` thresholds (METHOD §7); norms and rotary tables have no 2-D weight and are left out."""
+    found = layer_modules(layer, index)
+    out = {}
+    for block_name, block in ((found.attention_name, found.attention), (found.mlp_name, found.mlp)):
+        for name, child in block.named_children():
+            weight = getattr(child, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                out[f"{block_name}.{name}"] = child
+    return out
+
+
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state an attention or MLP block was called with (positionally or as ``hidden_states``)."""
+    return args[0] if args else kwargs["hidden_states"]

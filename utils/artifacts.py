@@ -16,9 +16,11 @@ LABELS_SCRIPT = "label_generation.py"
 MAGNITUDE_SCRIPTS = {ATTN: "Mag_attention.py", MLP: "Mag_mlp.py"}
 SCORES_SCRIPT = "attribution_attention.py"
 SWEEP_SCRIPT = "main.py"
+PREDICTOR_SCRIPT = "train_predictor.py"
 PIPELINE_SCRIPT = "run_pipeline.py"
 
 SWEEP_DIR = "res/both"
+PREDICTOR_DIR = "predictor"     # <metric>.pt: one metric's trained predictors; <metric>.json: their report
 RESULT_FILES = ("results.json", "results.csv", "per_sample.json")   # every sweep writes these three
 
 

@@ -4,6 +4,8 @@ sample decoded together as one batch (on a GPU, several samples' batches togethe
 batch), checked against batch-1 ``generate`` (``dense_label`` in tests/reference.py)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .kv_cache import (cache_argument_name, cache_with_room, forward_kwargs, layer_key_values, output_cache,
@@ -40,9 +42,48 @@ def masked_generate(model, hooks: SiteHooks, prompt_ids: torch.Tensor, keep: dic
     :func:`prompt_state`, when the caller already has it."""
     device = next(model.parameters()).device
     B, T = keep[ATTN].shape[:2]
-    max_new_tokens = T if max_new_tokens is None else max_new_tokens
+
+    def step(t, live):
+        masks = None
+        if t < T:
+            masks = {ATTN: keep[ATTN][:, t].to(device), MLP: keep[MLP][:, t].to(device)}
+        return hooks.settings(masks=masks)
+
+    return _greedy(model, prompt_ids, B, T if max_new_tokens is None else max_new_tokens, eos_ids, state, step)
+
+
+@torch.no_grad()
+def token_masked_generate(model, masker, prompt_ids: torch.Tensor, variant, ratio, eos_ids, max_new_tokens: int,
+                          state=None) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Greedy generation of ``B`` variants of one prompt whose masks a per-token masker
+    (utils/token_masks.py) chooses inside every step t >= 1: row b uses the masker's variant ``variant[b]`` at
+    ratio ``ratio[b]``.  Step 0 runs dense, as for :func:`masked_generate`.  Returns the tokens (EOS and after
+    removed) and, per row, the parameter weight kept and the total weight over the steps that row computed
+    before its EOS (float64 ``[B]`` each: the activation ratio's numerator and denominator)."""
+    B = len(variant)
+    kept = torch.zeros(B, dtype=torch.float64)
+    steps = torch.zeros(B, dtype=torch.float64)
+    per_step = masker.layout.num_layers * masker.layer_weight()
+
+    @contextlib.contextmanager
+    def step(t, live):
+        yield
+        alive = live.cpu().double()
+        kept.add_(masker.take_kept().cpu() * alive)
+        steps.add_(alive)
+
+    state = state if state is not None else prompt_state(model, prompt_ids)    # dense: before the rows are set
+    with masker.rows(variant, ratio):
+        ids = _greedy(model, prompt_ids, B, max_new_tokens, eos_ids, state, step)
+    return ids, kept, steps * per_step
+
+
+def _greedy(model, prompt_ids, B: int, max_new_tokens: int, eos_ids, state, step) -> list[list[int]]:
+    """The greedy loop of ``B`` variants of one prompt: step 0 dense (``state`` or :func:`prompt_state`), then
+    each step t runs inside ``step(t, live)`` (``live``: bool ``[B]``, the rows not yet at EOS)."""
     if max_new_tokens == 0:
         return [[] for _ in range(B)]
+    device = next(model.parameters()).device
     cache_name = cache_argument_name(model)
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     first, prompt_cache = state if state is not None else prompt_state(model, prompt_ids)   # step 0: dense
@@ -52,10 +93,7 @@ def masked_generate(model, hooks: SiteHooks, prompt_ids: torch.Tensor, keep: dic
     for t in range(1, max_new_tokens):
         if bool(done.all()):
             break
-        masks = None
-        if t < T:
-            masks = {ATTN: keep[ATTN][:, t].to(device), MLP: keep[MLP][:, t].to(device)}
-        with hooks.settings(masks=masks):
+        with step(t, ~done):
             out = model(**forward_kwargs(cache_name, tokens[-1][:, None], cache))
         cache = output_cache(out)
         nxt = out.logits[:, -1].argmax(-1)

@@ -22,5 +22,9 @@ class ResultPaths:
         """``kind``: magnitude, gradient, gxo, ig or grad_norm."""
         return self.root / artifacts.score(kind, comp).path
 
+    def predictor(self, metric: str) -> Path:
+        """The ``predictor`` source's trained predictors of ``metric`` (``.json`` beside: their report)."""
+        return self.root / artifacts.PREDICTOR_DIR / f"{metric}.pt"
+
     def folders(self) -> list[Path]:
         return [self.root / folder for folder in artifacts.score_folders()] + [self.res]

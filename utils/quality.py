@@ -42,8 +42,8 @@ def logits_budget(device) -> int:
 
 
 @torch.no_grad()
-def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, label_ids: list[int], keep: dict,
-                           batch_size: int = 0, prompt_cache=None) -> dict | None:
+def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, label_ids: list[int], keep: dict | None,
+                           batch_size: int = 0, prompt_cache=None, masker=None, rows=None) -> dict | None:
     """KL(dense || masked) and the masked model's NLL of the label, per variant, averaged over the masked
     steps t = 1..T-1; None when the label has no masked step (T < 2).
 
@@ -51,7 +51,9 @@ def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, la
     label[:T-1] per variant, the mask of step t applied at position P-1+t (the prompt dense): each
     position's keys and values are computed under its own step's mask, so this is exactly the step-by-step
     masked model teacher-forced on the label.  ``prompt_cache``: the dense prompt's cache (batch 1), when
-    the caller already has it (utils.generation.prompt_state).  Returns ``{"kl": [B], "nll": [B]}``
+    the caller already has it (utils.generation.prompt_state).  With a per-token ``masker``
+    (utils/token_masks.py) instead of ``keep``, ``rows`` = (variants, ratios) of the B variants: the masker
+    chooses every label position's masks from that pass's own activations.  Returns ``{"kl": [B], "nll": [B]}``
     (float64, CPU)."""
     T = len(label_ids)
     if T < 2:
@@ -74,13 +76,17 @@ def teacher_forced_quality(model, hooks: SiteHooks, prompt_ids: torch.Tensor, la
 
     dense = log_probs(1)
     dense_p = dense.exp()
-    B = keep[ATTN].shape[0]
+    B = keep[ATTN].shape[0] if masker is None else len(rows[0])
     per_pass = batch_size if batch_size > 0 else max(1, logits_budget(device) // ((T - 1) * dense.shape[-1]))
     kl, nll = [], []
     for s in range(0, B, per_pass):
-        part = {c: keep[c][s:s + per_pass, 1:T].to(device) for c in (ATTN, MLP)}   # steps 1..T-1
-        with hooks.settings(masks=part):       # [b, T-1, L, units]: one mask per label position
-            masked = log_probs(part[ATTN].shape[0])
+        if masker is None:
+            part = {c: keep[c][s:s + per_pass, 1:T].to(device) for c in (ATTN, MLP)}   # steps 1..T-1
+            setting = hooks.settings(masks=part)   # [b, T-1, L, units]: one mask per label position
+        else:
+            setting = masker.rows(rows[0][s:s + per_pass], rows[1][s:s + per_pass])
+        with setting:
+            masked = log_probs(min(per_pass, B - s))
         kl.append((dense_p * (dense - masked)).sum(-1).mean(-1))
         nll.append(-masked.gather(-1, targets.view(1, -1, 1).expand(masked.shape[0], -1, 1))[..., 0].mean(-1))
     return {"kl": torch.cat(kl).double().cpu(), "nll": torch.cat(nll).double().cpu()}

@@ -1,8 +1,10 @@
-"""Where a mask's scores come from (METHOD §7), each source declared once in :data:`SOURCES`: ``oracle`` (per
-token, against the dense label), ``prompt`` (one mask per request from the prompt's step alone) and
-``static`` (one mask for every input, calibrated on other samples).  The sweep, run_pipeline.py, the figures
-and the ``--help`` texts read the declarations; a new source is one :class:`Source` plus its
-``keep_scores`` function."""
+"""Where a mask comes from (METHOD §7), each source declared once in :data:`SOURCES`.  From the stored score
+files: ``oracle`` (per token, against the dense label), ``prompt`` (one mask per request from the prompt's
+step alone) and ``static`` (one mask for every input, calibrated on other samples).  Chosen per token inside
+the masked forward, without the label (METHOD §7b): ``online`` (the units' own magnitudes), ``predictor``
+(trained on the calibration samples' scores) and ``teal`` (input channels below calibrated thresholds).  The
+sweep, run_pipeline.py, the figures and the ``--help`` texts read the declarations; a new source is one
+:class:`Source` plus its ``keep_scores`` function or its masker builder (utils/token_sources.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from .errors import PipelineError
 from .masks import RankInputs, keep_masks
 from .metric_registry import get_metric
 from .sites import COMPONENTS
+from . import token_sources
 
 DEFAULT_CALIB_NUM_DATA = 100   # calibration samples of a source that needs them (indices N .. N+M-1)
 
@@ -28,12 +31,19 @@ SourceScores = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 @dataclass(frozen=True)
 class Source:
     name: str
-    keep_scores: SourceScores
+    keep_scores: SourceScores | None   # None: a per-token source, whose masks its ``masker`` chooses
     help: str                      # main.py's --help: where its masks come from
     title: str                     # the trade-off figure's panel title
     linestyle: str                 # its lines in the speed figure
     uses_label: bool = False       # its masks read the dense label's per-token scores (so no deployment runs it)
-    needs_calibration: bool = False   # it reads the mean keep-score over samples N .. N+M-1 (--calib_num_data)
+    needs_calibration: bool = False   # it reads samples N .. N+M-1 (--calib_num_data): their mean keep-score
+                                      # (static), their activations (teal) or predictors trained on them
+    masker: Callable | None = None    # per token: builds the hooks that choose masks in the forward
+                                      # (utils/token_sources.py); None: masks from the stored scores
+
+    @property
+    def per_token(self) -> bool:
+        return self.masker is not None
 
 
 def _per_step(rank, calibrated):
@@ -57,6 +67,14 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            "--"),
     Source("static", _calibrated, "one mask calibrated on samples N .. N+M-1, N = --num_data, M = --calib_num_data",
            "static (calibrated, one mask)", ":", needs_calibration=True),
+    Source("online", None, "per token: each unit's magnitude (or WINA score) in the masked forward itself, top share "
+           "per layer", "online (per token, own magnitudes)", "-.", masker=token_sources.online),
+    Source("predictor", None, "per token: a predictor on the hidden state entering the block, trained by "
+           "train_predictor.py on samples N .. N+M-1", "predictor (per token, trained)", (0, (3, 1, 1, 1, 1, 1)),
+           needs_calibration=True, masker=token_sources.predictor),
+    Source("teal", None, "per token: every projection's input channels below a threshold calibrated on samples "
+           "N .. N+M-1 (TEAL)", "teal (per token, input channels)", (0, (5, 2)), needs_calibration=True,
+           masker=token_sources.teal),
 )}
 
 
@@ -89,7 +107,7 @@ def calibrated_sources() -> tuple:
 
 
 def label_free_sources() -> tuple:
-    """The sources whose one mask per request a sparse model can deploy (they need no label)."""
+    """The sources a deployment can run (they need no label)."""
     return tuple(s.name for s in SOURCES.values() if not s.uses_label)
 
 

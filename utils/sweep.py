@@ -20,7 +20,7 @@ from . import artifacts
 from .distributed import current_shard, map_samples, open_checkpoint
 from .errors import PipelineError
 from .generation import (cache_bytes_per_position, can_generate_many, decode_groups, decode_memory_budget,
-                         masked_generate, masked_generate_many, prompt_state)
+                         masked_generate, masked_generate_many, prompt_state, token_masked_generate)
 from .masks import RankInputs, apply_layer_selection, check_ratios, kept_weight, layer_selection, unit_weights
 from .metric_registry import check_metric_names, get_metric, metric_names
 from .models import eos_token_ids
@@ -116,9 +116,9 @@ def metric_sample_count(per_metric: dict) -> int:
 
 def calibrate(run, request: SweepRequest, scores: dict, inputs: RankInputs) -> dict:
     """``{metric: {comp: [L, units]}}``: each metric's mean keep-score over the calibration samples
-    N .. N+M-1 (N = the samples evaluated, M = ``calib_num_data``), when a requested source needs it; empty
-    otherwise.  For ``all``, a metric whose score files hold too few samples is left out of those sources
-    with a note."""
+    N .. N+M-1 (N = the samples evaluated, M = ``calib_num_data``), when a requested source that masks from
+    stored scores needs it; empty otherwise.  Every source that reads calibration samples needs them labelled.
+    For ``all``, a metric whose score files hold too few samples is left out of those sources with a note."""
     users = [s for s in request.sources if get_source(s).needs_calibration]
     if not users:
         return {}
@@ -128,8 +128,10 @@ def calibrate(run, request: SweepRequest, scores: dict, inputs: RankInputs) -> d
                             f"--num_data {N}, --calib_num_data {M}), but {labels.path} holds {len(labels)}; "
                             f"give --num_data N with N + {M} <= {len(labels)}, lower --calib_num_data, or rerun "
                             f"{artifacts.LABELS.producer} --num_data {N + M} and the score steps")
+    users = [s for s in users if not get_source(s).per_token]
+    src = " and ".join(users)
     out = {}
-    for m in scores:
+    for m in scores if users else []:
         have = metric_sample_count(scores[m])
         if have < N + M:
             msg = (f"--source {src} calibrates {m} on samples {N}..{N + M - 1}, but its score files hold "
@@ -185,15 +187,20 @@ def auto_sample_batch(device) -> int:
 
 @dataclass
 class SampleJob:
-    """One sample's masked variants, ready to decode: variant ``b`` is (``active[b // R]``, ratio ``b % R``)."""
+    """One sample's masked variants, ready to decode.  ``active``: its (metric, source) pairs in curve order,
+    each at every ratio.  Those of stored-score sources have their masks here (``unique``, ``copy_of``,
+    ``kept``, ``total``: variant ``b`` of ``stored`` is (``stored[b // R]``, ratio ``b % R``)); those of per-token
+    sources (``token``: {source: its metrics}) are chosen while decoding."""
     index: int
     active: list                # its (metric, source) pairs, in curve order
     label: list                 # the dense label's token ids
     prompt: torch.Tensor        # [1, P]
-    kept: torch.Tensor          # [V*R]: parameter weight each variant keeps over the masked steps
-    total: torch.Tensor         # [V*R]: the weight of every unit over them
-    unique: dict                # {comp: bool [D, T, L, units]}: the distinct masks, decoded and scored once
-    copy_of: list               # per variant, its mask's index in ``unique``
+    stored: list                # the (metric, source) pairs masked from stored scores
+    kept: torch.Tensor | None   # [V*R]: parameter weight each stored variant keeps over the masked steps
+    total: torch.Tensor | None  # [V*R]: the weight of every unit over them
+    unique: dict | None         # {comp: bool [D, T, L, units]}: the distinct masks, decoded and scored once
+    copy_of: list               # per stored variant, its mask's index in ``unique``
+    token: dict                 # {per-token source: [metric, ...]}
     state: tuple                # the dense prompt's first token and cache (utils.generation.prompt_state)
 
 
@@ -208,11 +215,18 @@ class SweepPlan:
     inputs: RankInputs
     calibrated: dict            # {metric: {comp: [L, units]}} for the sources that need calibration
     selected: torch.Tensor      # [L]: the masked layers
+    maskers: dict               # {per-token source: its masker (utils/token_masks.py)}, hooks attached
+
+    def close(self) -> None:
+        """Detach the per-token maskers' hooks."""
+        for masker in self.maskers.values():
+            masker.remove()
 
 
 def plan_sweep(run, request: SweepRequest) -> SweepPlan:
     """Load the requested metrics' scores and settle the curves: every source for every metric with files,
-    except a calibrated source for a metric that cannot be calibrated."""
+    except a calibrated source for a metric that cannot be calibrated and a per-token source for a metric it
+    cannot use; build the per-token sources' maskers (calibrated or loaded)."""
     request = replace(request, num_data=run.num_data)
     check_something_to_evaluate(run.labels.label_ids[:run.num_data], run.labels.path)
     scores, skipped = load_metric_scores(run, request.metrics, request.explicit)
@@ -221,10 +235,30 @@ def plan_sweep(run, request: SweepRequest) -> SweepPlan:
     selected = layer_selection(request.layers, run.layout.num_layers)
     inputs = RankInputs.of(run.layout, metrics, request.cor_gxo_variant)
     calibrated = calibrate(run, request, scores, inputs)
+    maskers, covered = {}, {}
+    try:
+        for src in request.sources:
+            if get_source(src).per_token:
+                masker, covered[src] = get_source(src).masker(run, request, metrics, selected, unit_weights(run.layout))
+                if masker is not None:
+                    maskers[src] = masker
+    except BaseException:
+        for masker in maskers.values():
+            masker.remove()
+        raise
     # the curves, in order: sources outer (oracle first: the curves of the oracle-only sweeps), metrics inner
-    variants = [(m, src) for src in request.sources for m in metrics
-                if not get_source(src).needs_calibration or m in calibrated]
-    return SweepPlan(request, scores, skipped, counts, variants, inputs, calibrated, selected)
+    variants = []
+    for src in request.sources:
+        source = get_source(src)
+        usable = covered[src] if source.per_token else [m for m in metrics if not source.needs_calibration
+                                                        or m in calibrated]
+        variants += [(m, src) for m in usable]
+    if not variants:
+        for masker in maskers.values():
+            masker.remove()
+        raise PipelineError(f"--source {' '.join(request.sources)} has no curve to evaluate for --metric_name "
+                            f"{' '.join(request.metric_name)} (see the notes above)")
+    return SweepPlan(request, scores, skipped, counts, variants, inputs, calibrated, selected, maskers)
 
 
 def check_something_to_evaluate(label_ids: list, where) -> None:
@@ -250,37 +284,46 @@ class SampleSweep:
     def __call__(self, indices: list[int], bar) -> list[list[dict]]:
         """The result rows of each sample in ``indices`` (none for a sample with nothing to decode)."""
         jobs = {i: self.job(i) for i in indices}
-        live = [job for job in jobs.values() if job is not None]
+        live = [job for job in jobs.values() if job is not None and job.unique is not None]
         decoded = dict(zip((j.index for j in live), self.decode(live))) if live else {}
         out = []
         for i in indices:
-            out.append(self.rows(jobs[i], decoded[i]) if jobs[i] is not None else [])
+            out.append(self.rows(jobs[i], decoded.get(i, [])) if jobs[i] is not None else [])
             bar.update(1)
         return out
 
     def job(self, i: int) -> SampleJob | None:
-        """Sample i's distinct masks and dense prompt state (None: nothing to decode)."""
+        """Sample i's distinct stored masks, per-token variants and dense prompt state (None: nothing to
+        decode)."""
         plan, labels = self.plan, self.run.labels
         active = [(m, src) for m, src in plan.variants if i < plan.counts[m]]
         label = labels.label_ids[i]
         if not (active and label):
             return None
-        masks = [sample_keep_masks(plan.scores[m], m, i, self.ratios, plan.selected, plan.inputs, self.device,
-                                   source=src, calibrated=plan.calibrated.get(m))
-                 for m, src in active]
-        keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [V*R, T, L, U]
-        kept, total = kept_weight(keep, self.weights)
+        stored = [(m, src) for m, src in active if not get_source(src).per_token]
+        token = {}
+        for m, src in active:
+            if get_source(src).per_token:
+                token.setdefault(src, []).append(m)
         prompt = torch.tensor([labels.prompt_ids[i]])
-        # variants with the same masks (every metric at ratio 0, for one) decode and score once
-        first, copy_of = distinct_variants(keep)
-        return SampleJob(index=i, active=active, label=label, prompt=prompt, kept=kept, total=total,
-                         unique={c: keep[c][first] for c in COMPONENTS}, copy_of=copy_of,
-                         state=prompt_state(self.run.model, prompt))
+        job = SampleJob(index=i, active=active, label=label, prompt=prompt, stored=stored, kept=None, total=None,
+                        unique=None, copy_of=[], token=token, state=prompt_state(self.run.model, prompt))
+        if stored:
+            masks = [sample_keep_masks(plan.scores[m], m, i, self.ratios, plan.selected, plan.inputs, self.device,
+                                       source=src, calibrated=plan.calibrated.get(m))
+                     for m, src in stored]
+            keep = {c: torch.cat([mk[c] for mk in masks]) for c in COMPONENTS}   # [V*R, T, L, U]
+            job.kept, job.total = kept_weight(keep, self.weights)
+            # variants with the same masks (every metric at ratio 0, for one) decode and score once
+            first, job.copy_of = distinct_variants(keep)
+            job.unique = {c: keep[c][first] for c in COMPONENTS}
+        return job
 
     def decode(self, jobs: list[SampleJob]) -> list[list]:
-        """Each job's distinct variants decoded: several samples in one batch where allowed, in groups whose
-        padded caches fit the device's memory."""
+        """Each job's distinct stored variants decoded: several samples in one batch where allowed, in groups
+        whose padded caches fit the device's memory."""
         model = self.run.model
+        jobs = [j for j in jobs if j.unique is not None]
         if len(jobs) < 2 or not can_generate_many(model, [j.prompt.shape[1] for j in jobs],
                                                   [len(j.label) for j in jobs]):
             return [self._decode_alone(j) for j in jobs]
@@ -305,26 +348,58 @@ class SampleSweep:
                                            state=job.state))
         return decoded
 
+    def _token_rows(self, job: SampleJob, src: str) -> tuple[list, list]:
+        """The (variant, ratio) rows of a per-token source's curves of this sample: metric-major, like the
+        stored variants."""
+        masker = self.plan.maskers[src]
+        variants = [masker.variants.index(m) for m in job.token[src] for _ in self.ratios]
+        return variants, [float(p) for _ in job.token[src] for p in self.ratios]
+
+    def _decode_token(self, job: SampleJob, src: str) -> dict:
+        """A per-token source's variants of one sample: outputs, kept and total weight, teacher-forced
+        quality; keyed by (metric, ratio index)."""
+        masker, R = self.plan.maskers[src], len(self.ratios)
+        variants, ratios = self._token_rows(job, src)
+        step = self.batch_size if self.batch_size > 0 else len(variants)
+        ids, kept, total = [], [], []
+        for s in range(0, len(variants), step):
+            part = token_masked_generate(self.run.model, masker, job.prompt, variants[s:s + step], ratios[s:s + step],
+                                         self.eos, len(job.label), state=job.state)
+            ids += part[0]
+            kept.append(part[1])
+            total.append(part[2])
+        quality = teacher_forced_quality(self.run.model, self.hooks, job.prompt, job.label, None, self.batch_size,
+                                         prompt_cache=job.state[1], masker=masker, rows=(variants, ratios))
+        kept, total = torch.cat(kept), torch.cat(total)
+        return {(m, b % R): (ids[b], kept[b], total[b], None if quality is None else
+                             {k: v[b] for k, v in quality.items()})
+                for b, m in enumerate(m for m in job.token[src] for _ in self.ratios)}
+
     def rows(self, job: SampleJob, decoded: list) -> list[dict]:
         """One row per variant: its output, quality against the dense label and kept weight."""
         run, R = self.run, len(self.ratios)
-        outputs = [decoded[j] for j in job.copy_of]
-        quality = teacher_forced_quality(run.model, self.hooks, job.prompt, job.label, job.unique, self.batch_size,
-                                         prompt_cache=job.state[1])
-        if quality is not None:
-            quality = {k: v[job.copy_of] for k, v in quality.items()}
+        found = {}
+        if job.stored:
+            quality = teacher_forced_quality(run.model, self.hooks, job.prompt, job.label, job.unique,
+                                             self.batch_size, prompt_cache=job.state[1])
+            for b, j in enumerate(job.copy_of):
+                found[job.stored[b // R] + (b % R,)] = (decoded[j], job.kept[b], job.total[b], None if quality is None
+                                                        else {k: v[j] for k, v in quality.items()})
+        for src in job.token:
+            found.update({(m, src, r): v for (m, r), v in self._decode_token(job, src).items()})
         rows = []
-        for b, ids in enumerate(outputs):
-            text = run.tokenizer.decode(ids, skip_special_tokens=True)
-            metric, src = job.active[b // R]
-            rows.append({"sample": job.index, "metric": metric, "source": src, "ratio": float(self.ratios[b % R]),
-                         "bleu": bleu(text, run.labels.texts[job.index]),
-                         "token_agreement": token_agreement(ids, job.label),
-                         "kl": None if quality is None else float(quality["kl"][b]),
-                         "ppl": None if quality is None else math.exp(float(quality["nll"][b])),
-                         "masked_steps": len(job.label) - 1,
-                         "kept_weight": float(job.kept[b]), "total_weight": float(job.total[b]),
-                         "output": text})
+        for metric, src in job.active:
+            for r, p in enumerate(self.ratios):
+                ids, kept, total, quality = found[(metric, src, r)]
+                text = run.tokenizer.decode(ids, skip_special_tokens=True)
+                rows.append({"sample": job.index, "metric": metric, "source": src, "ratio": float(p),
+                             "bleu": bleu(text, run.labels.texts[job.index]),
+                             "token_agreement": token_agreement(ids, job.label),
+                             "kl": None if quality is None else float(quality["kl"]),
+                             "ppl": None if quality is None else math.exp(float(quality["nll"])),
+                             "masked_steps": len(job.label) - 1,
+                             "kept_weight": float(kept), "total_weight": float(total),
+                             "output": text})
         return rows
 
 
@@ -350,6 +425,7 @@ def run_sweep(run, request: SweepRequest, *, batch_size: int = 0, sample_batch: 
                                      skipped=lambda i: bar.update(1), group=group)
     finally:
         hooks.remove()
+        plan.close()
     if per_sample is None:  # another process writes the results
         return None
     rows = [row for sample_rows in per_sample for row in sample_rows]

@@ -1,0 +1,114 @@
+"""How the sweep builds the per-token mask sources (METHOD §7b) for a run: which of the requested metrics each
+can use, and its masker (utils/token_masks.py) with what it was calibrated or trained on.
+
+Each builder is ``build(run, request, metrics, selected, weights) -> (masker or None, metrics it covers)``;
+``request`` is the sweep's :class:`utils.sweep.SweepRequest` with the run's ``num_data``."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .artifacts import PREDICTOR_SCRIPT
+from .errors import PipelineError
+from .metric_registry import get_metric
+from .predictor import PredictorMasker, read_predictors
+from .sites import COMPONENTS
+from .teal import TEAL_METRICS, TealMasker, calibrate_thresholds
+from .token_masks import ONLINE_METRICS, OnlineMasker
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _usable(source: str, metrics: list, allowed, why: str) -> list:
+    usable = [m for m in metrics if m in allowed]
+    left = [m for m in metrics if m not in allowed]
+    if left:
+        _note(f"--source {source} {why}; no {source} curve for {', '.join(left)}")
+    return usable
+
+
+def online(run, request, metrics, selected, weights):
+    usable = _usable("online", metrics, ONLINE_METRICS, f"ranks by {' or '.join(ONLINE_METRICS)} only")
+    if not usable:
+        return None, []
+    return OnlineMasker(run.model, run.layout, weights, selected, usable), usable
+
+
+def calibration_range(request) -> tuple[int, int]:
+    """The calibration samples N .. N+M-1 (N: the evaluated samples, M: --calib_num_data)."""
+    return request.num_data, request.num_data + request.calib_num_data
+
+
+def teal(run, request, metrics, selected, weights):
+    usable = _usable("teal", metrics, TEAL_METRICS, f"scores input channels by {' or '.join(TEAL_METRICS)} only")
+    if not usable:
+        return None, []
+    lo, hi = calibration_range(request)
+    labels = run.labels
+    samples = [(labels.prompt_ids[i], labels.label_ids[i]) for i in range(lo, hi)]
+    thresholds = calibrate_thresholds(run.model, samples, usable, request.ratios)
+    return TealMasker(run.model, run.layout, weights, selected, usable, thresholds, request.ratios), usable
+
+
+def score_identity(run, metric: str) -> dict:
+    """What a predictor records of the score files it was trained on, to notice that they were rewritten."""
+    out = {}
+    for comp in COMPONENTS:
+        for kind in get_metric(metric).kinds:
+            path = run.paths.score(kind, comp)
+            st = os.stat(path)
+            out[str(path.relative_to(run.paths.root))] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def predictor_record(run, metric: str, variant: str, lo: int, hi: int, settings: dict) -> dict:
+    """What a metric's predictors are made from: what :func:`load_predictor` compares."""
+    return {"run_id": run.labels.run_id, "metric": metric,
+            "cor_gxo_variant": variant if metric == "cor_gxo" else None,
+            "calibration_samples": [lo, hi - 1], "settings": settings, "score_files": score_identity(run, metric)}
+
+
+def load_predictor(run, request, metric: str) -> dict:
+    """``{comp: Predictor}`` of ``metric`` trained for this run and calibration range; a missing, damaged or
+    stale file is a one-line error naming the command that retrains it."""
+    lo, hi = calibration_range(request)
+    path = run.paths.predictor(metric)
+    fix = (f"run {PREDICTOR_SCRIPT} --num_data {lo} --calib_num_data {hi - lo} --metric_name {metric}"
+           + (f" --cor_gxo_variant {request.cor_gxo_variant}" if metric == "cor_gxo" else ""))
+    if not path.is_file():
+        raise PipelineError(f"no trained predictor for {metric} ({path} is missing); {fix}")
+    try:
+        record, predictors = read_predictors(path)
+    except ValueError as err:
+        raise PipelineError(f"{path} is damaged (cannot be read: {err}); {fix}") from None
+    wanted = predictor_record(run, metric, request.cor_gxo_variant, lo, hi, record.get("settings"))
+    for key in ("run_id", "metric", "cor_gxo_variant", "calibration_samples", "score_files"):
+        if record.get(key) != wanted[key]:
+            raise PipelineError(f"{path} was trained for another {key.replace('_', ' ')} ({record.get(key)}, this "
+                                f"sweep needs {wanted[key]}); {fix}")
+    layout = run.layout
+    for comp in COMPONENTS:
+        p = predictors[comp]
+        if (p.mean.shape[0], p.bias.shape[1]) != (layout.num_layers, layout.units(comp)):
+            raise PipelineError(f"{path} was trained for another model shape; {fix}")
+    return predictors
+
+
+def predictor(run, request, metrics, selected, weights):
+    found, names, missing = [], [], []
+    for m in metrics:
+        if not run.paths.predictor(m).is_file() and not request.explicit:
+            missing.append(m)     # ``all``: the metrics with a trained predictor
+            continue
+        found.append(load_predictor(run, request, m))
+        names.append(m)
+    if missing:
+        lo, hi = calibration_range(request)
+        _note(f"--source predictor: no trained predictor for {', '.join(missing)} in "
+              f"{run.paths.predictor('x').parent}, so no curve for them ({PREDICTOR_SCRIPT} --num_data {lo} "
+              f"--calib_num_data {hi - lo} --metric_name ... trains them)")
+    if not names:
+        return None, []
+    return PredictorMasker(run.model, run.layout, weights, selected, names, found), names
