@@ -152,6 +152,49 @@ def masked_generate_many(model, hooks: SiteHooks, states, keeps: list[dict], eos
     Returns, per sample, its variants' tokens (EOS and after removed)."""
     device = next(model.parameters()).device
     counts = [k[ATTN].shape[0] for k in keeps]
+    ones = {comp: torch.ones(keeps[0][comp].shape[2:], dtype=torch.bool, device=device) for comp in (ATTN, MLP)}
+
+    def step(t, live):
+        masks = {comp: torch.cat([k[comp][:, t].to(device) if t < k[comp].shape[1]
+                                  else ones[comp].expand(b, *ones[comp].shape)
+                                  for k, b in zip(keeps, counts)]) for comp in (ATTN, MLP)}
+        return hooks.settings(masks=masks)
+
+    return _greedy_many(model, states, counts, eos_ids, max_new_tokens, step)
+
+
+@torch.no_grad()
+def token_masked_generate_many(model, masker, states, rows: list[tuple[list, list]], eos_ids,
+                               max_new_tokens: list[int]):
+    """:func:`token_masked_generate` for several samples in one batch (as :func:`masked_generate_many`):
+    ``rows[s]`` = (variants, ratios) of sample s's rows.  Returns, per sample, (tokens, kept, total)."""
+    counts = [len(v) for v, _ in rows]
+    variant = [v for vs, _ in rows for v in vs]
+    ratio = [p for _, ps in rows for p in ps]
+    kept = torch.zeros(len(variant), dtype=torch.float64)
+    steps = torch.zeros(len(variant), dtype=torch.float64)
+    per_step = masker.layout.num_layers * masker.layer_weight()
+
+    @contextlib.contextmanager
+    def step(t, live):
+        yield
+        alive = live.cpu().double()
+        kept.add_(masker.take_kept().cpu() * alive)
+        steps.add_(alive)
+
+    with masker.rows(variant, ratio):
+        ids = _greedy_many(model, states, counts, eos_ids, max_new_tokens, step)
+    out, start = [], 0
+    for s, b in enumerate(counts):
+        out.append((ids[s], kept[start:start + b], steps[start:start + b] * per_step))
+        start += b
+    return out
+
+
+def _greedy_many(model, states, counts: list[int], eos_ids, max_new_tokens: list[int], step):
+    """The greedy loop of several samples' variants in one padded batch (:func:`masked_generate_many`); each
+    step t runs inside ``step(t, live)``, ``live`` the rows not yet at EOS or at their sample's limit."""
+    device = next(model.parameters()).device
     N = max(max_new_tokens)
     if N == 0:
         return [[[] for _ in range(b)] for b in counts]
@@ -166,16 +209,12 @@ def masked_generate_many(model, hooks: SiteHooks, states, keeps: list[dict], eos
     limit = torch.tensor(max_new_tokens, device=device)[sample_of]
     tokens = [torch.cat([first.expand(b) for (first, _), b in zip(states, counts)])]
     done = torch.isin(tokens[0], eos) | (limit <= 1)
-    ones = {comp: torch.ones(keeps[0][comp].shape[2:], dtype=torch.bool, device=device) for comp in (ATTN, MLP)}
     for t in range(1, N):
         if bool(done.all()):
             break
-        masks = {comp: torch.cat([k[comp][:, t].to(device) if t < k[comp].shape[1]
-                                  else ones[comp].expand(b, *ones[comp].shape)
-                                  for k, b in zip(keeps, counts)]) for comp in (ATTN, MLP)}
         kwargs = forward_kwargs(cache_name, tokens[-1][:, None], cache)
         kwargs.update(attention_mask=attention[:, :width + t], position_ids=(position + t - 1)[:, None])
-        with hooks.settings(masks=masks):
+        with step(t, ~done):
             out = model(**kwargs)
         cache = output_cache(out)
         nxt = out.logits[:, -1].argmax(-1)

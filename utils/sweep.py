@@ -20,7 +20,8 @@ from . import artifacts
 from .distributed import current_shard, map_samples, open_checkpoint
 from .errors import PipelineError
 from .generation import (cache_bytes_per_position, can_generate_many, decode_groups, decode_memory_budget,
-                         masked_generate, masked_generate_many, prompt_state, token_masked_generate)
+                         masked_generate, masked_generate_many, prompt_state, token_masked_generate,
+                         token_masked_generate_many)
 from .masks import RankInputs, apply_layer_selection, check_ratios, kept_weight, layer_selection, unit_weights
 from .metric_registry import check_metric_names, get_metric, metric_names
 from .models import eos_token_ids
@@ -286,9 +287,10 @@ class SampleSweep:
         jobs = {i: self.job(i) for i in indices}
         live = [job for job in jobs.values() if job is not None and job.unique is not None]
         decoded = dict(zip((j.index for j in live), self.decode(live))) if live else {}
+        token = self.decode_token([job for job in jobs.values() if job is not None and job.token])
         out = []
         for i in indices:
-            out.append(self.rows(jobs[i], decoded.get(i, [])) if jobs[i] is not None else [])
+            out.append(self.rows(jobs[i], decoded.get(i, []), token.get(i, {})) if jobs[i] is not None else [])
             bar.update(1)
         return out
 
@@ -355,28 +357,59 @@ class SampleSweep:
         variants = [masker.variants.index(m) for m in job.token[src] for _ in self.ratios]
         return variants, [float(p) for _ in job.token[src] for p in self.ratios]
 
-    def _decode_token(self, job: SampleJob, src: str) -> dict:
-        """A per-token source's variants of one sample: outputs, kept and total weight, teacher-forced
-        quality; keyed by (metric, ratio index)."""
-        masker, R = self.plan.maskers[src], len(self.ratios)
+    def decode_token(self, jobs: list[SampleJob]) -> dict:
+        """Every per-token source's variants of ``jobs``: ``{sample: {(metric, source, ratio index): (tokens,
+        kept weight, total weight)}}``; several samples in one batch where allowed, as for stored masks."""
+        model, R = self.run.model, len(self.ratios)
+        out = {j.index: {} for j in jobs}
+        for src, masker in self.plan.maskers.items():
+            part = [j for j in jobs if src in j.token]
+            decoded = {}
+            if len(part) >= 2 and self.batch_size <= 0 and can_generate_many(
+                    model, [j.prompt.shape[1] for j in part], [len(j.label) for j in part]):
+                sizes = [(len(self._token_rows(j, src)[0]), j.prompt.shape[1] + len(j.label),
+                          cache_bytes_per_position(j.state[1])) for j in part]
+                for group in decode_groups(sizes, decode_memory_budget(self.device)):
+                    js = [part[g] for g in group]
+                    found = token_masked_generate_many(model, masker, [j.state for j in js],
+                                                       [self._token_rows(j, src) for j in js], self.eos,
+                                                       [len(j.label) for j in js])
+                    decoded.update({j.index: f for j, f in zip(js, found)})
+            else:
+                for j in part:
+                    decoded[j.index] = self._token_alone(j, src)
+            for j in part:
+                ids, kept, total = decoded[j.index]
+                metrics = [m for m in j.token[src] for _ in self.ratios]
+                out[j.index].update({(m, src, b % R): (ids[b], kept[b], total[b]) for b, m in enumerate(metrics)})
+        return out
+
+    def _token_alone(self, job: SampleJob, src: str) -> tuple:
         variants, ratios = self._token_rows(job, src)
         step = self.batch_size if self.batch_size > 0 else len(variants)
         ids, kept, total = [], [], []
         for s in range(0, len(variants), step):
-            part = token_masked_generate(self.run.model, masker, job.prompt, variants[s:s + step], ratios[s:s + step],
-                                         self.eos, len(job.label), state=job.state)
+            part = token_masked_generate(self.run.model, self.plan.maskers[src], job.prompt, variants[s:s + step],
+                                         ratios[s:s + step], self.eos, len(job.label), state=job.state)
             ids += part[0]
             kept.append(part[1])
             total.append(part[2])
-        quality = teacher_forced_quality(self.run.model, self.hooks, job.prompt, job.label, None, self.batch_size,
-                                         prompt_cache=job.state[1], masker=masker, rows=(variants, ratios))
-        kept, total = torch.cat(kept), torch.cat(total)
-        return {(m, b % R): (ids[b], kept[b], total[b], None if quality is None else
-                             {k: v[b] for k, v in quality.items()})
-                for b, m in enumerate(m for m in job.token[src] for _ in self.ratios)}
+        return ids, torch.cat(kept), torch.cat(total)
 
-    def rows(self, job: SampleJob, decoded: list) -> list[dict]:
-        """One row per variant: its output, quality against the dense label and kept weight."""
+    def _token_quality(self, job: SampleJob, src: str) -> dict:
+        """``{(metric, source, ratio index): {"kl", "nll"} or None}``: teacher-forced, the masker choosing
+        every label position's masks."""
+        R = len(self.ratios)
+        quality = teacher_forced_quality(self.run.model, self.hooks, job.prompt, job.label, None, self.batch_size,
+                                         prompt_cache=job.state[1], masker=self.plan.maskers[src],
+                                         rows=self._token_rows(job, src))
+        metrics = [m for m in job.token[src] for _ in self.ratios]
+        return {(m, src, b % R): None if quality is None else {k: v[b] for k, v in quality.items()}
+                for b, m in enumerate(metrics)}
+
+    def rows(self, job: SampleJob, decoded: list, token: dict) -> list[dict]:
+        """One row per variant: its output, quality against the dense label and kept weight.  ``decoded``: the
+        stored variants' tokens; ``token``: the per-token variants' (:meth:`decode_token`)."""
         run, R = self.run, len(self.ratios)
         found = {}
         if job.stored:
@@ -386,7 +419,8 @@ class SampleSweep:
                 found[job.stored[b // R] + (b % R,)] = (decoded[j], job.kept[b], job.total[b], None if quality is None
                                                         else {k: v[j] for k, v in quality.items()})
         for src in job.token:
-            found.update({(m, src, r): v for (m, r), v in self._decode_token(job, src).items()})
+            for key, q in self._token_quality(job, src).items():
+                found[key] = token[key] + (q,)
         rows = []
         for metric, src in job.active:
             for r, p in enumerate(self.ratios):
