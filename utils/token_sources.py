@@ -84,10 +84,14 @@ def load_predictor(run, request, metric: str) -> dict:
     except ValueError as err:
         raise PipelineError(f"{path} is damaged (cannot be read: {err}); {fix}") from None
     wanted = predictor_record(run, metric, request.cor_gxo_variant, lo, hi, record.get("settings"))
-    for key in ("run_id", "metric", "cor_gxo_variant", "calibration_samples", "score_files"):
+    why = {"run_id": lambda have, want: f"for other labels (run {have}, these are run {want})",
+           "metric": lambda have, want: f"for the metric {have}",
+           "cor_gxo_variant": lambda have, want: f"with --cor_gxo_variant {have}",
+           "calibration_samples": lambda have, want: f"on samples {have} (this sweep calibrates on {want})",
+           "score_files": lambda have, want: "on score files that have been rewritten since"}
+    for key, say in why.items():
         if record.get(key) != wanted[key]:
-            raise PipelineError(f"{path} was trained for another {key.replace('_', ' ')} ({record.get(key)}, this "
-                                f"sweep needs {wanted[key]}); {fix}")
+            raise PipelineError(f"{path} was trained {say(record.get(key), wanted[key])}; {fix}")
     layout = run.layout
     for comp in COMPONENTS:
         p = predictors[comp]
