@@ -1,6 +1,7 @@
 """Run every step in order, in one process (the model is loaded once):
 folder_creation -> label_generation -> Mag_attention -> Mag_mlp -> attribution_attention (gradient gxo)
--> attribution_attention (ig) -> main (every metric whose files exist, figure).  Run again after a crash
+-> attribution_attention (ig) -> train_predictor (with --source predictor) -> main (every metric whose files
+exist, figure).  Run again after a crash
 or Ctrl-C, it skips the steps whose files are complete for this run (--redo: recompute them) and resumes
 the interrupted one from its saved samples.
 
@@ -20,6 +21,7 @@ import label_generation
 import Mag_attention
 import Mag_mlp
 import main as sweep_main
+import train_predictor
 from utils.data import load_samples, samples_fingerprint
 from utils.cli import cli_entry
 from utils.distributed import current_shard, lock_result_dir
@@ -27,6 +29,7 @@ from utils.errors import PipelineError
 from utils.flags import HELP, Parser
 from utils.models import OFFLINE_MODEL
 from utils.prompts import PROMPT_FORMATS
+from utils.predictor_training import predictors_done
 from utils.provenance import labels_done, load_labels, scores_done
 from utils.run import result_paths
 from utils.sites import ATTN, COMPONENTS, MLP
@@ -152,6 +155,12 @@ def scores_done_for(kinds: list[str], components=COMPONENTS):
     return done
 
 
+def predictors_done_for(step: Step, on_disk: OnDisk) -> bool:
+    labels, a = on_disk.labels(), step.args
+    return labels is not None and predictors_done(on_disk.paths, labels, train_predictor.metrics_of(a), a.num_data,
+                                                  a.calib_num_data, a.cor_gxo_variant, train_predictor.settings_of(a))
+
+
 def sweep_done_for(step: Step, on_disk: OnDisk) -> bool:
     labels = on_disk.labels()
     return labels is not None and sweep_done(on_disk.paths, labels.run_id, on_disk.sweep)
@@ -199,6 +208,10 @@ def plan(args) -> tuple[list[Step], SweepRequest]:
             ig_argv += ["--num_data", str(args.ig_num_data)]
         steps.append(Step("integrated gradients", attribution_attention, ig_argv, attribution_attention.parse(ig_argv),
                           scores_done_for(["ig"])))
+    if "predictor" in request.sources:
+        pred_argv = where + ["--num_data", str(num_data), "--calib_num_data", str(request.calib_num_data)]
+        steps.append(Step("predictors", train_predictor, pred_argv, train_predictor.build_parser().parse_args(pred_argv),
+                          predictors_done_for))
     steps.append(Step("sweep + figure", sweep_main, sweep_argv, sweep_args, sweep_done_for))
     return steps, request
 

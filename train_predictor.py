@@ -59,13 +59,20 @@ def build_parser() -> Parser:
     return parser
 
 
+def metrics_of(args) -> list:
+    names = check_metric_names(args.metric_name, metric_names())
+    return list(metric_names()) if names == ["all"] else names
+
+
+def settings_of(args) -> PredictorSettings:
+    return PredictorSettings(rank=args.rank, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
+                             heldout=args.heldout, seed=args.predictor_seed)
+
+
 @cli_entry
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    metrics = check_metric_names(args.metric_name, metric_names())
-    metrics = list(metric_names()) if metrics == ["all"] else metrics
-    settings = PredictorSettings(rank=args.rank, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
-                                 heldout=args.heldout, seed=args.predictor_seed)
+    metrics, settings = metrics_of(args), settings_of(args)
     num_data, args.num_data = args.num_data, None        # the run opens every labelled sample
     run = open_run(args)
     reports = train_predictors(run, metrics, num_data, args.calib_num_data, args.cor_gxo_variant, settings,

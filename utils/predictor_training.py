@@ -118,6 +118,21 @@ def up_to_date(path, record: dict) -> bool:
     return have == record and path.with_suffix(".json").is_file()
 
 
+def predictors_done(paths, labels, metrics: list[str], num_data: int | None, calib_num_data: int, variant: str,
+                    settings: PredictorSettings) -> bool:
+    """Every metric's predictors are on disk, made from exactly these labels, score files and settings
+    (run_pipeline.py's done check)."""
+    from types import SimpleNamespace
+
+    try:
+        lo, hi = calibration_bounds(labels, num_data, calib_num_data)
+        run = SimpleNamespace(labels=labels, paths=paths)
+        return all(up_to_date(paths.predictor(m), predictor_record(run, m, variant, lo, hi, vars(settings)))
+                   for m in metrics)
+    except (PipelineError, OSError):
+        return False
+
+
 def train_predictors(run, metrics: list[str], num_data: int | None, calib_num_data: int, variant: str,
                      settings: PredictorSettings, redo: bool = False) -> dict:
     """Train and write every metric's predictors (a metric already trained from the same inputs is kept);
@@ -144,7 +159,7 @@ def train_predictors(run, metrics: list[str], num_data: int | None, calib_num_da
             began = time.time()
             _scores(run, m, hi)           # every score file is checked before the training starts
             predictors, report = train_metric(run, m, feats, owner, lo, hi, variant, settings)
-            report.update(metric=m, settings=vars(settings), block_inputs_seconds=round(collect_s, 1),
+            report.update(run_id=run.labels.run_id, metric=m, settings=vars(settings), block_inputs_seconds=round(collect_s, 1),
                           train_seconds=round(time.time() - began, 1), record=records[m])
             path = run.paths.predictor(m)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,8 @@ def _file_run_id(path: Path):
         if path.suffix == ".pt":
             return read_json(meta_path(path)).get("run_id")
         data = read_json(path)
-        if path.name in ("labels.json", "summary.json"):      # the labels themselves; the attribution error's
+        if path.name in ("labels.json", "summary.json") or path.parent.name == artifacts.PREDICTOR_DIR:
+            # the labels themselves; the attribution error's summary; a predictor's report
             return data.get("run_id")
         return (data.get("settings") or {}).get("labels_run_id")
     except (*DAMAGED, AttributeError):
@@ -198,8 +199,22 @@ def _folder_moves(folder: Path, record: Path, run_id: str, judge_json: bool) -> 
     return moves
 
 
+def _predictor_moves(folder: Path, run_id: str) -> list:
+    """Trained predictors (``<metric>.pt``, whose ``<metric>.json`` report records their labels run) of
+    other runs."""
+    if not folder.is_dir():
+        return []
+    moves = []
+    for f in sorted(folder.glob("*.pt")):
+        report = f.with_suffix(".json")
+        owner = _file_run_id(report) if report.is_file() else None
+        if owner != run_id:
+            moves += [(f, owner)] + ([(report, owner)] if report.is_file() else [])
+    return moves
+
+
 def retire_previous_run(paths, run_id: str) -> list[Path]:
-    """Move every score, sweep and attribution-error file under ``paths`` that does not belong to the labels
+    """Move every score, sweep, predictor and attribution-error file under ``paths`` that does not belong to the labels
     run ``run_id`` into a fresh ``previous_runs/<their run_id>[.k]/`` (same sub-folders; nothing an earlier
     retirement kept is overwritten), copy the labels being replaced there too (they are what makes those
     files usable; the new labels replace the file itself atomically), drop other runs' saved samples, and
@@ -212,6 +227,7 @@ def retire_previous_run(paths, run_id: str) -> list[Path]:
     # (per_sample.json, results.csv, the figure) belong to whatever results.json belongs to
     moves += _folder_moves(paths.res, paths.results, run_id, judge_json=True)
     moves += _folder_moves(root / OUTPUT_DIR, root / OUTPUT_DIR / "summary.json", run_id, judge_json=False)
+    moves += _predictor_moves(root / artifacts.PREDICTOR_DIR, run_id)
     old_labels = _file_run_id(paths.labels) if paths.labels.is_file() else run_id
     folders, moved = {}, []
 

@@ -464,7 +464,9 @@ def run_sweep(run, request: SweepRequest, *, batch_size: int = 0, sample_batch: 
         return None
     rows = [row for sample_rows in per_sample for row in sample_rows]
     results = aggregate(rows, plan.variants, request.ratios, plan.counts)
-    results["settings"] = sweep_settings(run, request, list(plan.scores), plan.skipped, sweep.weights)
+    predictors = [run.paths.predictor(m) for m, src in plan.variants if src == "predictor"]
+    results["settings"] = sweep_settings(run, request, list(plan.scores), plan.skipped, sweep.weights, predictors)
+    results["settings"]["per_token"] = {src: masker.describe() for src, masker in plan.maskers.items()}
     write_results(run.paths.res, results, rows, request.plot_metrics)
     ckpt.finish()
     return results

@@ -55,6 +55,9 @@ def sweep_done(paths, run_id: str, request) -> bool:
         for rel, fp in recorded.get("score_files", {}).items():
             if fingerprint(paths.root / rel) != fp:
                 return False
+        for rel, fp in recorded.get("predictor_files", {}).items():     # retrained since: stale curves
+            if _stat(paths.root / rel) != fp:
+                return False
         if any(_files_present(paths, m) for m in recorded.get("metrics_skipped", [])):
             return False
         names = list(RESULT_FILES) + [f"{key}.json" for key in results["curves"]]
@@ -97,7 +100,12 @@ def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
     return {"curves": curves}
 
 
-def sweep_settings(run, request, metrics: list[str], skipped: list[str], weights) -> dict:
+def _stat(path) -> list:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def sweep_settings(run, request, metrics: list[str], skipped: list[str], weights, predictor_files=()) -> dict:
     """What ``results.json`` records beside the curves: the labels, the request, the model's sizes and a
     fingerprint of every score file read (``request``: a SweepRequest with the run's ``num_data``)."""
     N, M = request.num_data, request.calib_num_data
@@ -113,7 +121,8 @@ def sweep_settings(run, request, metrics: list[str], skipped: list[str], weights
             "layers": layout.num_layers, "heads": layout.num_heads, "neurons": layout.intermediate,
             "request": request.recorded(), "metrics_skipped": skipped,
             "score_files": {str(run.paths.score(k, c).relative_to(run.paths.root)):
-                            fingerprint(run.paths.score(k, c)) for k, c in used}}
+                            fingerprint(run.paths.score(k, c)) for k, c in used},
+            "predictor_files": {str(p.relative_to(run.paths.root)): _stat(p) for p in predictor_files}}
 
 
 def _is_curve_file(name: str) -> bool:
