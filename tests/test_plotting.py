@@ -141,3 +141,28 @@ def test_kl_and_perplexity_figures_of_one_token_labels(tmp_path):
     for measure in ("kl", "ppl"):
         plot_tradeoff(empty, tmp_path / measure, measure)
         assert (tmp_path / f"{measure}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sparsity_table_walks_each_curve_up_to_its_first_miss(tmp_path, capsys):
+    import benchmarks.sparsity_table as script
+
+    def pt(p, act, bleu, kl):
+        return {"deactivation_ratio": p, "activation_ratio": act, "bleu": bleu, "kl": kl, "samples": 3}
+    curves = {"cor_gxo@teal": {"source": "teal", "points": [pt(0.0, 1.0, 100, 0.0), pt(0.1, 0.9, 97, 0.05),
+                                                             pt(0.2, 0.8, 90, 0.2), pt(0.3, 0.7, 99, 0.01)]},
+              "wina@static": {"source": "static", "points": [pt(0.0, 1.0, 100, 0.0), pt(0.1, 0.9, 80, 0.3)]}}
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps({"curves": curves}))
+    bench = tmp_path / "b.json"
+    bench.write_text(json.dumps([{"kept": 1.0, "speedup": 1.0}, {"kept": 0.5, "speedup": 1.5},
+                                 {"kept": 1.0, "speedup": 1.0, "source": "teal"},
+                                 {"kept": 0.5, "speedup": 1.2, "source": "teal"}]))
+    script.main([str(res), str(bench)])
+    lines = capsys.readouterr().out.splitlines()
+    # teal: p = 0.3 passes again after p = 0.2 failed, and is not counted; its own tagged rows give the speed
+    assert lines[2] == "| cor_gxo@teal | 10% (p = 0.1) | 97 | 10% (p = 0.1) | 0.05 | 1.04× | 1.04× |"
+    assert lines[3] == "| wina@static | 0% (p = 0) | 100 | 0% (p = 0) | 0 | 1.00× | 1.00× |"
+    res.write_text("[1]")
+    with pytest.raises(SystemExit):
+        script.main([str(res)])
+    assert capsys.readouterr().err.startswith("error: ")
