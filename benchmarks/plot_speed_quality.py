@@ -1,7 +1,8 @@
 """Quality against measured decode speed-up: the sweep's results.json (activation ratio, BLEU, ... per
 metric, source and ratio) and the decode benchmark's JSONs (rows with "kept" and "speedup"; the device from
 each file's settings) -> one panel per device and batch, each point placed at the speed-up interpolated at
-its activation ratio.  Only the label-free sources are drawn by default (the sparse model runs their masks).
+its activation ratio.  Only the label-free sources are drawn by default, each against the rows that time its
+masks (tagged rows of a per-token path; the sparse model's rows for prompt and static).
 
     python benchmarks/plot_speed_quality.py result/truthfulqa/res/both/results.json bench_decode.json
 """
@@ -20,7 +21,7 @@ from utils.quality import MEASURES  # noqa: E402
 from utils.sources import label_free_sources  # noqa: E402
 
 MEASURE = "bleu"
-SOURCES = list(label_free_sources())   # prompt, static
+SOURCES = list(label_free_sources())   # prompt, static and the per-token sources
 OUT = None          # None: speed_quality.png/.pdf beside results.json
 
 

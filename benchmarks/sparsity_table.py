@@ -6,7 +6,8 @@ measured at that sparsity.  Printed as a Markdown table (RESULTS.md's per-model 
 later point that passes again is not counted: the curves are noisy, and a deployment needs the whole range
 up to its setting to hold).  The speed-up is interpolated at that point's activation ratio between the
 benchmark's rows (utils/plotting.speedup_at) of the same kind of path: rows tagged with the curve's source
-(the per-token gathered paths), else the untagged rows of the sparse model with the units removed.
+(the per-token gathered paths), else, for prompt and static, the untagged rows of the sparse model with the
+units removed; none for the oracle (it needs the label).
 
     python benchmarks/sparsity_table.py result/truthfulqa/res/both/results.json [cpu.json ...]
 """
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.cli import cli_entry  # noqa: E402
 from utils.errors import PipelineError  # noqa: E402
 from utils.io import read_json  # noqa: E402
-from utils.plotting import speedup_at  # noqa: E402
+from utils.plotting import rows_for_source, speedup_at  # noqa: E402
 
 BLEU_BAR = 95.0      # BLEU against the dense output: within 5 % of it
 KL_BAR = 0.1         # nats per token
@@ -34,11 +35,6 @@ def largest_sparsity(points: list[dict], ok) -> dict | None:
             break
         best = pt
     return best
-
-
-def speed_rows(bench: list[dict], source: str) -> list[dict]:
-    tagged = [r for r in bench if r.get("source") == source]
-    return tagged or [r for r in bench if not r.get("source") and r.get("kept") is not None]
 
 
 def table(results: dict, bench: list[dict], bleu_bar: float, kl_bar: float) -> str:
@@ -57,7 +53,7 @@ def table(results: dict, bench: list[dict], bleu_bar: float, kl_bar: float) -> s
                 continue
             off = 1 - pt["activation_ratio"]
             cells += [f"{off:.0%} (p = {pt['deactivation_ratio']:g})", f"{pt[name]:.3g}"]
-            rows = speed_rows(bench, curve.get("source", "oracle"))
+            rows = rows_for_source(bench, curve.get("source", "oracle"))
             speeds.append(f"{speedup_at(rows, pt['activation_ratio']):.2f}×" if rows and off > 0 else
                           ("1.00×" if rows else "—"))
         lines.append("| " + " | ".join(cells + (speeds if bench else [])) + " |")

@@ -118,8 +118,9 @@ def test_speed_figure_refuses_what_it_cannot_draw(tmp_path, capsys):
     bench.write_text(json.dumps({"rows": ROWS}))
     only_oracle = results()
     del only_oracle["curves"]["gxo@prompt"]
-    with pytest.raises(PipelineError, match=r"hold no curve of prompt, static \(only oracle\); rerun main.py with "
-                                            r"--source prompt static, or draw those it has with --source oracle"):
+    with pytest.raises(PipelineError, match=r"hold no curve of prompt, static, online, predictor, teal \(only oracle\); "
+                                            r"rerun main.py with --source prompt static online predictor teal, or "
+                                            r"draw those it has with --source oracle"):
         plot_speed_quality(only_oracle, bench, tmp_path / "speed")
     with pytest.raises(PipelineError, match="unknown --source nope; choose from oracle, prompt, static"):
         plot_speed_quality(results(), bench, tmp_path / "speed", sources=["nope"])

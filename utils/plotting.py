@@ -140,6 +140,19 @@ def speedup_at(rows: list[dict], kept: float) -> float:
     return pts[-1][1]
 
 
+def rows_for_source(rows: list[dict], source: str) -> list[dict]:
+    """The benchmark rows that time ``source``'s masks: rows tagged with it (a per-token gathered path,
+    with the dense point 1.0 at kept share 1 added), else, for a source of one mask per request, the sparse
+    model's untagged rows; none for a source that needs the label or has no path timed."""
+    tagged = [r for r in rows if r.get("source") == source]
+    known = SOURCES.get(source)
+    if tagged:
+        return tagged + ([] if any(float(r["kept"]) == 1.0 for r in tagged) else [{"kept": 1.0, "speedup": 1.0}])
+    if known is None or known.uses_label or known.per_token:
+        return []
+    return [r for r in rows if not r.get("source")]
+
+
 def load_speed_rows(bench_json) -> dict:
     """``{(device, batch): rows}`` from one or several decode benchmark JSONs: each a list of rows (or
     ``{"settings": ..., "rows": [...]}``) like ``{"device": "cpu", "batch": 1, "kept": 0.5, "speedup": 1.6}``;
@@ -200,8 +213,11 @@ def plot_speed_quality(results: dict, bench_json, stem: Path, measure: str = "bl
             metric, source = _curve_metric_source(key, curve)
             if source not in sources:
                 continue
+            timed = rows_for_source(rows, source)
+            if not timed:
+                continue
             pts = [p for p in curve["points"] if p.get(measure) is not None and not math.isnan(p[measure])]
-            xs = [speedup_at(rows, p["activation_ratio"]) for p in pts]
+            xs = [speedup_at(timed, p["activation_ratio"]) for p in pts]
             label, color, marker = _metric_style(metric)
             linestyle = SOURCES[source].linestyle if source in SOURCES else "-"
             ax.plot(xs, [p[measure] for p in pts], linestyle=linestyle, color=color, marker=marker,
