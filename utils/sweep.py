@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -445,8 +447,11 @@ def run_sweep(run, request: SweepRequest, *, batch_size: int = 0, sample_batch: 
     together (0: :func:`auto_sample_batch`); with a ``batch_size`` given, one sample at a time."""
     plan = plan_sweep(run, request)
     request = plan.request
+    predictors = sorted({str(run.paths.predictor(m)) for m, src in plan.variants if src == "predictor"})
+    # a predictor retrained while the sweep was interrupted makes its saved samples stale
     key = json.dumps({"run_id": run.labels.run_id, "variants": plan.variants, "counts": plan.counts,
-                      "request": request.recorded(), "quality": list(MEASURES)})
+                      "request": request.recorded(), "quality": list(MEASURES),
+                      "predictors": {p: os.stat(p).st_mtime_ns for p in predictors}})
     ckpt = open_checkpoint(run.paths.res / ".sweep", key)
     device = next(run.model.parameters()).device
     group = 1 if batch_size > 0 else sample_batch if sample_batch > 0 else auto_sample_batch(device)
@@ -464,8 +469,8 @@ def run_sweep(run, request: SweepRequest, *, batch_size: int = 0, sample_batch: 
         return None
     rows = [row for sample_rows in per_sample for row in sample_rows]
     results = aggregate(rows, plan.variants, request.ratios, plan.counts)
-    predictors = [run.paths.predictor(m) for m, src in plan.variants if src == "predictor"]
-    results["settings"] = sweep_settings(run, request, list(plan.scores), plan.skipped, sweep.weights, predictors)
+    results["settings"] = sweep_settings(run, request, list(plan.scores), plan.skipped, sweep.weights,
+                                         [Path(p) for p in predictors])
     results["settings"]["per_token"] = {src: masker.describe() for src, masker in plan.maskers.items()}
     write_results(run.paths.res, results, rows, request.plot_metrics)
     ckpt.finish()
