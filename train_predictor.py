@@ -1,4 +1,4 @@
-"""Step 6 (for main.py --source predictor): train, per layer and component, a small predictor from the hidden
+"""Step 4c (before main.py --source predictor): train, per layer and component, a small predictor from the hidden
 state entering the block to a metric's per-token keep-scores, on the calibration samples N .. N+M-1 (their
 labels are the dense model's own greedy outputs: no human answer), hold out the last of them for recall@k,
 and write result/<dataset>/predictor/<metric>.pt (and .json: recall@k per layer, cost).  METHOD §7b."""
