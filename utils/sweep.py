@@ -24,7 +24,7 @@ from .generation import (cache_bytes_per_position, can_generate_many, decode_gro
 from .masks import RankInputs, apply_layer_selection, check_ratios, kept_weight, layer_selection, unit_weights
 from .metric_registry import check_metric_names, get_metric, metric_names
 from .models import eos_token_ids
-from .provenance import load_scores
+from .provenance import load_scores, score_fingerprints
 from .quality import MEASURES, bleu, teacher_forced_quality, token_agreement
 from .sites import ATTN, COMPONENTS, SiteHooks
 from .sources import (DEFAULT_CALIB_NUM_DATA, calibrated_keep_scores, calibrated_sources, get_source,
@@ -337,7 +337,8 @@ def run_sweep(run, request: SweepRequest, *, batch_size: int = 0, sample_batch: 
     plan = plan_sweep(run, request)
     request = plan.request
     key = json.dumps({"run_id": run.labels.run_id, "variants": plan.variants, "counts": plan.counts,
-                      "request": request.recorded(), "quality": list(MEASURES)})
+                      "request": request.recorded(), "quality": list(MEASURES),
+                      "scores": score_fingerprints(run.paths, list(plan.scores))})   # their content, not path
     ckpt = open_checkpoint(run.paths.res / ".sweep", key)
     device = next(run.model.parameters()).device
     group = 1 if batch_size > 0 else sample_batch if sample_batch > 0 else auto_sample_batch(device)
