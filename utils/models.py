@@ -307,7 +307,10 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu",
     key = (name, str(torch.device(device)), dtype, model_fingerprint(name))
     if key not in _LOADED:
         _LOADED.clear()  # keep one model in memory at a time
-        _LOADED[key] = _load(name, device, dtype)
+        loaded = _load(name, device, dtype)
+        if key[-1] is None:      # a hub id's files exist only now: the next step finds them, not a new model
+            key = key[:-1] + (model_fingerprint(name),)
+        _LOADED[key] = loaded
     return _LOADED[key]
 
 
