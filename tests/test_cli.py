@@ -121,6 +121,7 @@ def test_run_pipeline_done_check_uses_the_step_constants(edited_constants, monke
     """Each step carries its own done check.  The labels' compares with label_generation.py's settings
     (SEED included), and a score step's with that step's NUM_DATA."""
     from utils.data import Sample
+    from utils.fingerprint import hash_file
     from utils.io import write_json
     from utils.labelset import new_labels, write_labels
     from utils.paths import ResultPaths
@@ -147,7 +148,8 @@ def test_run_pipeline_done_check_uses_the_step_constants(edited_constants, monke
     path = paths.score("magnitude", "attention")          # 2 samples: Mag_attention.NUM_DATA
     path.parent.mkdir(parents=True)
     torch.save([torch.ones(2, 3, 4)] * 2, path)
-    write_json(meta_path(path), {"run_id": labels.run_id, "num_samples": 2, "n_steps": None})
+    write_json(meta_path(path), {"run_id": labels.run_id, "num_samples": 2, "n_steps": None,
+                                 "sha256": hash_file(path)})
     assert done("head magnitudes")
     monkeypatch.setattr(Mag_attention, "NUM_DATA", None)   # now every labelled sample (9) is needed
     monkeypatch.setattr(label_generation, "SEED", 6)

@@ -293,9 +293,12 @@ def test_sweep_with_every_source(pipeline, llama_copy, capsys):
     assert not sweep_done(paths, run_id, parse_sweep([str(a) for a in argv] + ["--plot_metric", "bleu"])[1])
     assert not sweep_done(paths, "another-run", parse_sweep([str(a) for a in argv])[1])
     gxo = paths.score("gxo", "mlp")
-    gxo.write_bytes(gxo.read_bytes())            # rewritten after the sweep: its results may be stale
-    os.utime(gxo, ns=(1, 1))
+    kept = gxo.read_bytes()
+    gxo.write_bytes(kept)                        # rewritten with the same bytes: the sweep read this content
+    assert sweep_done(paths, run_id, parse_sweep([str(a) for a in argv])[1])
+    torch.save([t * 2 for t in torch.load(gxo)], gxo)    # other content since the sweep: its results are stale
     assert not sweep_done(paths, run_id, parse_sweep([str(a) for a in argv])[1])
+    gxo.write_bytes(kept)
 
     # a later sweep with fewer metrics and sources replaces the results: nothing stale stays beside them
     (res / "notes.txt").write_text("mine")
@@ -361,9 +364,10 @@ def test_metric_all_skips_missing_files_only(pipeline, llama_copy, capsys):
     tensors[0][0, 0, 1] = float("nan")
     torch.save(tensors, path)
     code, err = sweep_in_process(capsys, *where)
-    assert code == 2
-    assert err.strip().splitlines()[-1] == (f"error: {path}: sample 0 holds non-finite scores; rerun "
-                                            "attribution_attention.py --metric gxo (with --dtype float32 if it overflowed)")
+    assert code == 2                                # changed after it was written: its meta's sha256 tells
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path} is not the file its gxo_attention_list.meta.json describes (2 samples")
+    assert last.endswith("it was replaced or changed after it was written; rerun attribution_attention.py --metric gxo")
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -155,9 +155,13 @@ def test_flag_contradicting_labels(run_copy, scored, tiny_model_dirs, tmp_path):
     msg = fails("attribution_attention.py", "--model_name", tiny_model_dirs["phi"], *base)
     assert msg.startswith(f"error: --model_name {tiny_model_dirs['phi']} differs from the run that made {labels} "
                           f"(model = {scored.model_dir}); drop the flag")
-    other = write_qa_file(tmp_path / "other.jsonl")
+    msg = fails("Mag_mlp.py", "--dataset", "truthfulqa-offline", *base)      # a named dataset: by name
+    assert msg.startswith(f"error: --dataset truthfulqa-offline differs from the run that made {labels} (dataset = "
+                          f"{scored.data})")
+    other = write_qa_file(tmp_path / "other.jsonl")                          # a file: by its samples' content
+    other.write_text(other.read_text().replace("blue", "grey"))
     msg = fails("Mag_mlp.py", "--dataset", other, *base)
-    assert msg.startswith(f"error: --dataset {other} differs from the run that made {labels} (dataset = {scored.data})")
+    assert msg.startswith(f"error: --dataset {other} does not hold the samples {labels} was made from")
     assert snapshot(result) == before
 
 
@@ -170,11 +174,22 @@ def test_num_data_larger_than_labels(run_copy):
 
 # -- score files that do not belong to the labels or the model ---------------------------------------------
 
+def meta_claims(path):
+    """Record ``path``'s present bytes in its meta: a file its meta describes, to reach the checks behind the
+    content hash (a file changed behind its meta's back: tests/test_fingerprints.py)."""
+    from utils.fingerprint import hash_file
+    from utils.provenance import meta_path
+
+    meta = json.loads(meta_path(path).read_text())
+    meta_path(path).write_text(json.dumps({**meta, "sha256": hash_file(path)}))
+
+
 def test_scores_with_wrong_shape(run_copy, scored):
     result, where = run_copy
     path = result / "magnitude" / "magnitude_attention_list.pt"
     T = [len(ids) for ids in scored.labels["label_token_ids"]]
     torch.save([torch.ones(t, 2, 5) for t in T], path)  # 5 heads: the tiny Llama has 4; meta.json kept
+    meta_claims(path)
     before = snapshot(result)
     msg = fails("main.py", "--metric_name", "magnitude", *where)
     assert msg == (f"error: {path}: sample 0 has shape ({T[0]}, 2, 5), but this model and label need ({T[0]}, 2, 4); "
@@ -202,6 +217,7 @@ def test_non_finite_scores(run_copy):
     tensors = torch.load(path, weights_only=True)
     tensors[1][0, 1, 3] = float("nan")
     torch.save(tensors, path)
+    meta_claims(path)
     msg = fails("main.py", "--metric_name", "magnitude", *where)
     assert msg == (f"error: {path}: sample 1 holds non-finite scores; rerun Mag_mlp.py "
                    "(with --dtype float32 if it overflowed)")

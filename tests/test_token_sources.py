@@ -331,10 +331,10 @@ def test_predictor_step_trains_resumes_and_refuses_stale_files(run_copy, capsys,
     assert list(results["curves"]) == ["magnitude@predictor"]
 
     # a rewritten score file makes the predictor stale: the sweep refuses, the step retrains
-    mag = result / "magnitude" / "magnitude_mlp_list.pt"
-    mag.write_bytes(mag.read_bytes())
-    import os
-    os.utime(mag, ns=(1, 1))
+    from utils.io import read_json
+    from utils.provenance import meta_path, write_scores
+    mag = result / "magnitude" / "magnitude_mlp_list.pt"     # recomputed with other values (another dtype, say)
+    write_scores(mag, [t * 1.5 for t in torch.load(mag)], read_json(meta_path(mag)))
     capsys.readouterr()
     err = exits_2(capsys, *sweep, "--metric_name", "magnitude")
     assert "was trained on score files that have been rewritten since" in err and "train_predictor.py --num_data 1 --calib_num_data 1" in err

@@ -30,6 +30,7 @@ from .io import save_figure, write_json
 from .kv_cache import cache_argument_name, detach_cache_, forward_kwargs, output_cache, repeated_cache
 from .masks import ranking
 from .metric_registry import get_metric, studied_metrics
+from .provenance import score_fingerprints
 from .sites import ATTN, COMPONENTS, SiteHooks
 
 OUTPUT_DIR = "attribution_error"
@@ -201,12 +202,15 @@ def plot_scatter(rows: list[dict], summary: dict, metrics: list[str], stem, titl
 def measure_attribution_error(run, per_metric: dict, *, num_units: int, num_steps: int, seed: int,
                               batch_size: int) -> dict | None:
     """Write ``rows.json``, ``summary.json`` and ``scatter.png/.pdf`` under ``<result>/attribution_error/``
-    and return the summary (None in the processes other than the first under torchrun)."""
+    and return the summary (None in the processes other than the first under torchrun).  The saved samples
+    and the summary carry the sha256 of every score file read: scores recomputed since (IG with other
+    steps) are other inputs, and their samples are not adopted."""
     out_dir = run.paths.root / OUTPUT_DIR
     metrics = [m for m in studied_metrics() if m in per_metric]
     counts = {m: min(len(lst) for kinds in per_metric[m].values() for lst in kinds.values()) for m in metrics}
     settings = {"num_units": num_units, "steps": num_steps, "seed": seed, "num_data": run.num_data,
-                "metrics": metrics, "metric_samples": counts}
+                "metrics": metrics, "metric_samples": counts,
+                "score_files": score_fingerprints(run.paths, metrics)}
     key = json.dumps({"run_id": run.labels.run_id, **settings}, sort_keys=True)
     ckpt = open_checkpoint(out_dir / "rows.json", key)
     with SiteHooks(run.model, run.layout) as hooks, \
@@ -227,10 +231,13 @@ def measure_attribution_error(run, per_metric: dict, *, num_units: int, num_step
                             "measure; use more samples (--num_data)")
     summary = {"run_id": run.labels.run_id, "labels_settings": run.labels.settings, **settings,
                "rows": len(rows), "correlation": summarize(rows, metrics)}
+    # the summary names the folder's run: it leaves first and comes back last, so a failure in between (a
+    # full disk) leaves no summary beside files of another run, and the saved samples stay for the rerun
+    (out_dir / "summary.json").unlink(missing_ok=True)
     write_json(out_dir / "rows.json", rows)
-    write_json(out_dir / "summary.json", summary)
     model = run.labels.settings.get("model", "")
     plot_scatter(rows, summary["correlation"], metrics, out_dir / "scatter",
                  f"{model}: predicted vs real cost of removing one unit ({len(rows)} removals)")
+    write_json(out_dir / "summary.json", summary)
     ckpt.finish()
     return summary

@@ -61,8 +61,36 @@ def write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text), "w")
 
 
+class _Recorded:
+    """A file handle that remembers the OSError its write raised: torch.save turns it into a RuntimeError
+    ("unexpected pos ...") that no longer says the disk was full."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        return self.handle.flush()
+
+
+def _save_torch(obj: Any, handle) -> None:
+    recorded = _Recorded(handle)
+    try:
+        torch.save(obj, recorded)
+    except RuntimeError:
+        if recorded.error is not None:
+            raise recorded.error from None      # e.g. ENOSPC: one line naming the fix (utils/errors.py)
+        raise
+
+
 def write_torch(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    _atomic_write(path, lambda f: _save_torch(obj, f), "wb")
 
 
 def read_json(path: Path) -> Any:
@@ -71,9 +99,12 @@ def read_json(path: Path) -> Any:
 
 
 def save_figure(fig, path: Path) -> None:
-    """Save a matplotlib figure atomically; the format comes from the path's suffix."""
+    """Save a matplotlib figure atomically; the format comes from the path's suffix.  A PDF carries no
+    creation date, so the same figure gives the same bytes (the sweep records each file's sha256)."""
     fmt = Path(path).suffix.lstrip(".")
-    _atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight"), "wb")
+    metadata = {"CreationDate": None} if fmt == "pdf" else None
+    _atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight", metadata=metadata),
+                  "wb")
 
 
 def note(message: str) -> None:

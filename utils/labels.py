@@ -17,6 +17,8 @@ import inspect
 
 import torch
 
+from .errors import PipelineError
+from .io import note
 from .kv_cache import cache_argument_name, forward_kwargs, map_cache_, output_cache, sliding_window
 
 LABEL_BATCH_SIZE = 16        # samples decoded together on a CPU (the arithmetic grows with the batch there)
@@ -33,6 +35,34 @@ def label_batch_size(model, requested: int | None = None) -> int:
     if requested:
         return max(1, int(requested))
     return CUDA_LABEL_BATCH_SIZE if param.device.type == "cuda" else LABEL_BATCH_SIZE
+
+
+def position_limit(model) -> int | None:
+    """The token positions the model has (``max_position_embeddings``; GPT-2 calls it ``n_positions``), or None."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_positions(model, name: str, samples, prompts: list[list[int]], budgets: list[int]) -> list[int]:
+    """The label budgets cut so that prompt + label fits the model's positions (past them, learned position
+    embeddings fail with an IndexError, rotary ones were never trained); a prompt that leaves no room for
+    one label token is refused, naming the sample."""
+    limit = position_limit(model)
+    if limit is None:
+        return list(budgets)
+    for sample, prompt in zip(samples, prompts):
+        if len(prompt) >= limit:
+            raise PipelineError(f"sample {sample.id}: its prompt is {len(prompt)} tokens, but {name} has {limit} "
+                                "positions (prompt and answer together); use a dataset of shorter questions or a "
+                                "model with more positions")
+    fitted = [min(b, limit - len(p)) for b, p in zip(budgets, prompts)]
+    cut = [s.id for s, b, f in zip(samples, budgets, fitted) if f < b]
+    if cut:
+        note(f"{len(cut)} label(s) cut to fit {name}'s {limit} positions (sample {', '.join(map(str, cut[:5]))})")
+    return fitted
 
 
 @torch.no_grad()

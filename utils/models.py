@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import PipelineError
+from .fingerprint import combined_sha256, sha256_file
 
 OFFLINE_MODEL = "smollm2-135m-instruct"
 _OFFLINE_ALIASES = {OFFLINE_MODEL, "smollm2-135m-instruct-gguf", "smollm2"}
@@ -89,6 +90,11 @@ def cache_dir() -> Path:
     return Path(base) / "sparse-activation"
 
 
+def fingerprint_cache() -> Path:
+    """Where the sha256 of model files is remembered across processes (utils/fingerprint.py)."""
+    return cache_dir() / "file_sha256.json"
+
+
 def gemma_gguf_path() -> Path:
     """Path of the joined Gemma-3-270M GGUF file, joining the installed chunk wheels on first use.
 
@@ -121,14 +127,19 @@ def gemma_gguf_path() -> Path:
                             f"set {CACHE_ENV} to a writable folder") from None
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with open(chunk, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    with open(chunk, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as err:        # a full cache: the write names no file, say which
+            raise PipelineError(f"cannot write the joined Gemma-3-270M file under {target.parent} "
+                                f"({err.strerror or err}); free some space there or set {CACHE_ENV} to another "
+                                "folder") from None
         if digest.hexdigest() != pkg.EXPECTED_SHA256:
             raise PipelineError("the joined Gemma-3-270M chunks do not match the expected sha256; reinstall: "
                                 + GEMMA_INSTALL.replace("--no-deps", "--no-deps --force-reinstall"))
@@ -184,6 +195,65 @@ def offline_model_path(name: str) -> Path | None:
     return None
 
 
+# -- what the model's weights are (METHOD §9: a run records their content, not the path they came from) ----
+# the files transformers builds a model from: its config and its weights (tokenizer files change the prompt
+# and label token ids, which the labels record themselves)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+def model_files(name: str) -> dict | None:
+    """``{file name: path}`` of the files that define the weights of ``--model_name name``: the GGUF file of
+    an offline model or a .gguf path; a folder's (a hub id's cached snapshot's) config and weight files.
+    None when they cannot be found without loading (a hub id not downloaded yet)."""
+    gguf = offline_model_path(name)
+    path = Path(name)
+    if gguf is None and path.suffix == ".gguf":
+        gguf = path if path.is_file() else None
+        if gguf is None:
+            return None
+    if gguf is not None:
+        return {gguf.name: gguf}
+    folder = path if path.is_dir() else _hub_snapshot(name)
+    if folder is None:
+        return None
+    return {f.name: f for f in sorted(folder.iterdir()) if f.is_file() and (
+        f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"))}
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """The local snapshot folder of a hub id in the Hugging Face cache (no network), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001  (an id the hub client rejects is simply not cached)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def model_fingerprint(name: str) -> str | None:
+    """sha256 of the weight files' content (:func:`model_files`; each file's hash remembered in the model
+    cache under its identity, so only a new or changed file is read); None if they cannot be found."""
+    files = model_files(name)
+    if files is None:
+        return None
+    return combined_sha256({n: sha256_file(p, persist=fingerprint_cache()) for n, p in files.items()})
+
+
+def weights_fingerprint(name: str, model) -> str:
+    """The fingerprint a run records for the loaded ``model`` of ``name``: its files' (above), else (files
+    not found, e.g. a hub cache outside the standard place) a sha256 of the loaded tensors themselves."""
+    found = model_fingerprint(name)
+    if found is not None:
+        return found
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return "tensors-" + digest.hexdigest()
+
+
 def _load_kwargs(name: str) -> tuple[str, dict]:
     """Map a --model_name to from_pretrained's first argument and extra keyword arguments."""
     path = offline_model_path(name)
@@ -232,11 +302,15 @@ _LOADED: dict = {}
 
 def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu",
                              dtype: torch.dtype = torch.float32):
-    """Load ``name`` once per process (the one-process driver runs every step on the same model)."""
-    key = (name, str(torch.device(device)), dtype)
+    """Load ``name`` once per process (the one-process driver runs every step on the same model); files
+    replaced since are loaded again (the key holds their fingerprint)."""
+    key = (name, str(torch.device(device)), dtype, model_fingerprint(name))
     if key not in _LOADED:
         _LOADED.clear()  # keep one model in memory at a time
-        _LOADED[key] = _load(name, device, dtype)
+        loaded = _load(name, device, dtype)
+        if key[-1] is None:      # a hub id's files exist only now: the next step finds them, not a new model
+            key = key[:-1] + (model_fingerprint(name),)
+        _LOADED[key] = loaded
     return _LOADED[key]
 
 
@@ -303,12 +377,9 @@ def converted_dir(gguf: Path) -> Path:
     it (a newer version may convert a GGUF file differently; each converts once)."""
     import transformers
 
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    digest = sha256_file(gguf, persist=fingerprint_cache())
     return (cache_dir() / "converted"
-            / f"{gguf.stem}-{digest.hexdigest()[:16]}-tf{transformers.__version__}-v{CONVERTED_VERSION}")
+            / f"{gguf.stem}-{digest[:16]}-tf{transformers.__version__}-v{CONVERTED_VERSION}")
 
 
 def _load_gguf(path: Path, name: str, dtype):
@@ -368,7 +439,10 @@ def _save_dequantized(model, folder: str) -> None:
 
 
 def _save_converted(tokenizer, model, target: Path) -> None:
-    """Write the converted copy (best effort: a read-only cache only costs the next load its speed)."""
+    """Write the converted copy (best effort: a read-only or full cache only costs the next load its speed;
+    the partial copy is removed).  safetensors reports a full disk as its own error type, not OSError."""
+    from safetensors import SafetensorError
+
     tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -377,10 +451,11 @@ def _save_converted(tokenizer, model, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)           # atomic; fails if another process finished first: keep theirs
         tmp = None
-    except OSError as err:
+    except (OSError, RuntimeError, SafetensorError) as err:
         if not target.is_dir():
-            print(f"note: could not keep a converted copy under {target.parent} ({err.strerror or err}); "
-                  f"set {CACHE_ENV} to a writable folder to make later loads fast")
+            reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+            print(f"note: could not keep a converted copy under {target.parent} ({reason}); free some space "
+                  f"there or set {CACHE_ENV} to a writable folder to make later loads fast")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

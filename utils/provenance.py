@@ -1,8 +1,9 @@
 """What produced each file, so that a later step refuses to combine files from different runs.
 
-``labels.json`` (utils/labelset.py) holds the run's settings and a ``run_id``.  Every score file ``X.pt``
-has a ``X.meta.json`` beside it naming the ``run_id`` it was computed from; the ``.pt`` itself stays
-exactly the released pipeline's layout (a list of float32 tensors)."""
+``labels.json`` (utils/labelset.py) holds the run's settings (among them the sha256 of the model's weights
+and of the samples) and a ``run_id``.  Every score file ``X.pt`` has a ``X.meta.json`` beside it naming the
+``run_id`` it was computed from and the sha256 of the ``.pt``'s own bytes; the ``.pt`` itself stays exactly
+the released pipeline's layout (a list of float32 tensors).  The chain is METHOD §9's."""
 from __future__ import annotations
 
 import shutil
@@ -11,11 +12,14 @@ from pathlib import Path
 import torch
 
 from . import artifacts
-from .data import Sample, samples_fingerprint
+from .data import Sample, load_samples, samples_fingerprint
 from .errors import PipelineError
+from .fingerprint import sha256_file
 from .io import DAMAGED, note, read_json, write_json, write_torch
 from .labelset import LabelSet, load_labels
-from .models import resolve_dtype
+from .metric_registry import get_metric
+from .models import model_fingerprint, resolve_dtype, weights_fingerprint
+from .sites import COMPONENTS
 
 PROVENANCE_KEYS = ("model", "dataset", "prompt_format", "dtype", "seed")
 
@@ -39,8 +43,12 @@ def first_mismatch(requested: dict, settings: dict):
 
 
 def check_requested(requested: dict, labels: LabelSet) -> None:
-    """Flags the user gave explicitly must agree with the run that made the labels."""
-    mismatch = first_mismatch({key: requested.get(key) for key in PROVENANCE_KEYS}, labels.settings)
+    """Flags the user gave explicitly must agree with the run that made the labels (a dataset file by its
+    samples' content, not its path)."""
+    requested = {key: requested.get(key) for key in PROVENANCE_KEYS}
+    if requested["dataset"] is not None and _is_file_dataset(requested["dataset"]):
+        _check_dataset_content(requested.pop("dataset"), labels)
+    mismatch = first_mismatch(requested, labels.settings)
     if mismatch is not None:
         key, want, have = mismatch
         raise PipelineError(f"--{'model_name' if key == 'model' else key} {want} differs from the run that "
@@ -48,20 +56,60 @@ def check_requested(requested: dict, labels: LabelSet) -> None:
                             f"setting, or rerun {artifacts.LABELS.producer} with it")
 
 
+def _is_file_dataset(dataset: str) -> bool:
+    from .data import HUB_TRUTHFULQA, OFFLINE_TRUTHFULQA, XSUM
+
+    return dataset not in (HUB_TRUTHFULQA, OFFLINE_TRUTHFULQA, XSUM)
+
+
+def recorded_samples(labels: LabelSet) -> str:
+    """The samples' fingerprint the labels record (computed from the samples they hold if they predate it)."""
+    return labels.settings.get("samples_sha256") or samples_fingerprint(
+        [Sample(i, q, r) for i, q, r in zip(labels.sample_ids, labels.questions, labels.references)])
+
+
+def _check_dataset_content(dataset: str, labels: LabelSet) -> None:
+    """``--dataset FILE`` given to a later step: its first samples must be those the labels were made from."""
+    samples = load_samples(dataset)[:len(labels)]
+    if len(samples) < len(labels) or samples_fingerprint(samples) != recorded_samples(labels):
+        raise PipelineError(f"--dataset {dataset} does not hold the samples {labels.path} was made from (its first "
+                            f"{len(labels)} samples' content differs from the run's, dataset "
+                            f"{labels.settings.get('dataset')}); drop the flag to use the labels' samples, or rerun "
+                            f"{artifacts.LABELS.producer} with it")
+
+
+def check_weights(labels: LabelSet, model) -> None:
+    """The model loaded for a later step must have the weights the labels were made with (a model folder
+    whose files were replaced after the labels would score, or resume, another model's run)."""
+    recorded = labels.settings.get("model_sha256")
+    if recorded is None:      # labels from before the fingerprint was recorded: nothing to compare
+        return
+    now = weights_fingerprint(labels.settings["model"], model)
+    if now != recorded:
+        raise PipelineError(f"the weights of {labels.settings['model']} changed after {labels.path} was made "
+                            f"(sha256 {recorded[:12]}, now {now[:12]}): its labels and scores belong to the old "
+                            f"weights; rerun {artifacts.LABELS.producer} (run_pipeline.py redoes every step)")
+
+
 def meta_path(path: Path) -> Path:
     return path.with_name(path.name[:-len(".pt")] + ".meta.json")
 
 
 def write_scores(path: Path, tensors: list, meta: dict) -> None:
-    """Write a score list and its provenance (the meta goes last: a crash in between leaves no meta,
-    which readers report as a file to regenerate)."""
+    """Write a score list and its provenance, which records the sha256 of the file's bytes (the meta goes
+    last: a crash in between leaves no meta, which readers report as a file to regenerate)."""
     for i, t in enumerate(tensors):
         if not torch.isfinite(t).all():
             raise PipelineError(f"non-finite scores for sample {i} in {path.name}; the model overflowed "
                                 "(try --dtype float32) and nothing was written")
     meta_path(path).unlink(missing_ok=True)
     write_torch(path, tensors)
-    write_json(meta_path(path), meta)
+    write_json(meta_path(path), {**meta, "sha256": sha256_file(path)})
+
+
+def content_matches(path: Path, meta: dict) -> bool:
+    """``path`` holds the bytes its meta records (not replaced, cut or emptied since it was written)."""
+    return meta.get("sha256") is not None and sha256_file(path) == meta["sha256"]
 
 
 def load_scores(path: Path, labels: LabelSet, expected_shape, producer: str) -> list:
@@ -90,6 +138,15 @@ def load_scores(path: Path, labels: LabelSet, expected_shape, producer: str) -> 
     if not isinstance(tensors, list) or len(tensors) > len(labels) or \
             not all(isinstance(t, torch.Tensor) for t in tensors):
         raise PipelineError(f"{path} does not hold one tensor per labelled sample; rerun {producer}")
+    if meta.get("sha256") is None:
+        raise PipelineError(f"{meta_file} records no content hash (written by an earlier version of the pipeline, "
+                            f"so {path.name} cannot be checked); rerun {producer}")
+    if not content_matches(path, meta) or len(tensors) != meta.get("num_samples"):
+        # another run's file of the same shape, or this one cut or emptied: its meta no longer describes it
+        raise PipelineError(f"{path} is not the file its {meta_file.name} describes ({len(tensors)} samples, "
+                            f"content sha256 {sha256_file(path)[:12]}; the meta records {meta.get('num_samples')}, "
+                            f"{str(meta.get('sha256'))[:12]}): it was replaced or changed after it was written; "
+                            f"rerun {producer}")
     for i, t in enumerate(tensors):
         want = tuple(expected_shape(len(labels.label_ids[i])))
         if tuple(t.shape) != want:
@@ -111,11 +168,11 @@ def labels_done(path: Path, requested: dict) -> bool:
         labels = load_labels(path)
     except PipelineError:
         return False
-    have = labels.settings
-    if "samples_sha256" not in have:
-        # labels made before the fingerprint was recorded: it is computed from the samples they hold
-        have = dict(have, samples_sha256=samples_fingerprint(
-            [Sample(i, q, r) for i, q, r in zip(labels.sample_ids, labels.questions, labels.references)]))
+    # the model's weights by content (a folder whose files were replaced is another model); labels from
+    # before the fingerprint was recorded are not done
+    if requested.get("model") is not None:
+        requested = dict(requested, model_sha256=model_fingerprint(str(requested["model"])))
+    have = dict(labels.settings, samples_sha256=recorded_samples(labels))
     return first_mismatch(requested, have) is None
 
 
@@ -129,13 +186,20 @@ def scores_done(path: Path, run_id: str, num_samples: int, n_steps: int | None =
     try:
         meta = read_json(meta_file)
         if not (meta.get("run_id") == run_id and meta.get("num_samples") == num_samples
-                and (n_steps is None or meta.get("n_steps") == n_steps)):
+                and (n_steps is None or meta.get("n_steps") == n_steps) and content_matches(path, meta)):
             return False
         tensors = torch.load(path, weights_only=True, mmap=True)   # mmap: a large file is not copied
     except (*DAMAGED, AttributeError):
         return False
     return (isinstance(tensors, list) and len(tensors) == num_samples
             and all(isinstance(t, torch.Tensor) and bool(torch.isfinite(t).all()) for t in tensors))
+
+
+def score_fingerprints(paths, metrics) -> dict:
+    """``{score file (relative): sha256 of its content}`` for every file ``metrics`` read: what a step that
+    reads scores keys its saved samples on (new scores, e.g. IG with other steps, are other inputs)."""
+    used = sorted({(kind, comp) for m in metrics for comp in COMPONENTS for kind in get_metric(m).kinds})
+    return {str(paths.score(k, c).relative_to(paths.root)): sha256_file(paths.score(k, c)) for k, c in used}
 
 
 # -- new labels replace a run: its files must not stay beside the new ones --------------------------------

@@ -16,7 +16,7 @@ from .flags import dataset_given
 from .labelset import LabelSet, load_labels
 from .models import load_model_and_tokenizer, resolve_device, resolve_dtype
 from .paths import ResultPaths, default_result_dir
-from .provenance import check_requested
+from .provenance import check_requested, check_weights
 from .sites import ModelLayout, locate_units
 
 
@@ -61,5 +61,6 @@ def open_run(args) -> Run:
     seed_everything(settings["seed"])
     model, tokenizer = load_model_and_tokenizer(settings["model"], shard_device(device),
                                                 resolve_dtype(settings["dtype"]))
+    check_weights(labels, model)     # the same weights as the labels', not only the same path
     return Run(paths=paths, labels=labels, model=model, tokenizer=tokenizer, layout=locate_units(model),
                num_data=num_data)

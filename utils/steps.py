@@ -10,11 +10,11 @@ from . import artifacts
 from .attribution import Attributor
 from .data import load_samples, samples_fingerprint
 from .errors import PipelineError
-from .labels import greedy_labels, label_batch_size
+from .labels import fit_positions, greedy_labels, label_batch_size
 from .labelset import load_labels, new_labels, write_labels
 from .distributed import current_shard, lock_result_dir, map_samples, open_checkpoint, shard_device
 from .io import note
-from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
+from .models import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype, weights_fingerprint
 from .paths import ResultPaths
 from .prompts import label_inputs, resolve_prompt_format
 from .provenance import dtype_name, retire_previous_run, retirement_folder, write_scores
@@ -34,7 +34,8 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
     """Dense greedy labels (METHOD §2) -> ``labels.json``; returns them (a LabelSet; None in the processes
     other than the first under torchrun).
 
-    The settings include a fingerprint of the samples' content, so an edited dataset is a different run.
+    The settings include fingerprints of the samples' content and of the model's weights, so an edited
+    dataset or replaced weights make a different run.
     Labels of a different run are replaced (said in one line before the work starts), and the previous
     run's score and sweep files are moved to ``previous_runs/`` so the folder holds one run only."""
     # every flag is checked, and the model loaded, before anything is written
@@ -46,14 +47,16 @@ def generate_labels(paths: ResultPaths, *, model_name: str, dataset: str, num_da
     eos = eos_token_ids(model, tokenizer)
     settings = {"model": model_name, "dataset": dataset, "num_data": len(samples), "prompt_format": fmt,
                 "dtype": dtype_name(dtype), "seed": seed, "samples_sha256": samples_fingerprint(samples),
+                "model_sha256": weights_fingerprint(model_name, model),
                 "max_new_tokens": "token length of each sample's reference answer", "eos_token_ids": eos}
+    prompts, budgets = label_inputs(tokenizer, samples, fmt)
+    budgets = fit_positions(model, model_name, samples, prompts, budgets)   # before anything is written
     create_folders(paths)
     if current_shard().is_main:
         _announce_replacement(paths, settings)
     ckpt = open_checkpoint(paths.labels, json.dumps(settings, sort_keys=True))
     bar = tqdm(total=len(samples), desc="labels", unit="sample", disable=not current_shard().is_main)
 
-    prompts, budgets = label_inputs(tokenizer, samples, fmt)
     shard, per_batch, pending = current_shard(), label_batch_size(model), {}
 
     def label_one(i):
@@ -92,12 +95,15 @@ def _announce_replacement(paths: ResultPaths, settings: dict) -> None:
         note(f"{paths.labels} is damaged; it will be replaced")
         return
     old_settings, old_id = old.settings, old.run_id
-    changed = [k for k in ("model", "dataset", "num_data", "samples_sha256", "prompt_format", "dtype", "seed")
+    changed = [k for k in ("model", "model_sha256", "dataset", "num_data", "samples_sha256", "prompt_format",
+                           "dtype", "seed")
                if old_settings.get(k, settings[k] if k == "samples_sha256" else None) != settings[k]]
-    if "num_data" in changed and "samples_sha256" in changed:
-        changed.remove("samples_sha256")   # other samples, of course
+    for implied, cause in (("samples_sha256", "num_data"), ("model_sha256", "model")):
+        if implied in changed and cause in changed:
+            changed.remove(implied)   # other samples, another model's weights: of course
     if changed:
-        what = ", ".join("dataset content" if k == "samples_sha256" else k for k in changed)
+        names = {"samples_sha256": "dataset content", "model_sha256": "model weights"}
+        what = ", ".join(names.get(k, k) for k in changed)
         scores = [a for a in artifacts.SCORES.values() if (paths.root / a.path).is_file()]
         kinds = ", ".join(k for k in artifacts.SCORE_KINDS if any(a.kind == k for a in scores))
         swept = [f for f in paths.res.iterdir() if f.is_file() and not f.name.startswith(".")] \

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,13 +20,14 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .distributed import current_shard, map_samples, open_checkpoint
 from .errors import PipelineError
+from .fingerprint import sha256_file
 from .generation import (cache_bytes_per_position, can_generate_many, decode_groups, decode_memory_budget,
                          masked_generate, masked_generate_many, prompt_state, token_masked_generate,
                          token_masked_generate_many)
 from .masks import RankInputs, apply_layer_selection, check_ratios, kept_weight, layer_selection, unit_weights
 from .metric_registry import check_metric_names, get_metric, metric_names
 from .models import eos_token_ids
-from .provenance import load_scores
+from .provenance import load_scores, score_fingerprints
 from .quality import MEASURES, bleu, teacher_forced_quality, token_agreement
 from .sites import ATTN, COMPONENTS, SiteHooks
 from .sources import (DEFAULT_CALIB_NUM_DATA, calibrated_keep_scores, calibrated_sources, get_source,
@@ -451,7 +451,8 @@ def run_sweep(run, request: SweepRequest, *, batch_size: int = 0, sample_batch: 
     # a predictor retrained while the sweep was interrupted makes its saved samples stale
     key = json.dumps({"run_id": run.labels.run_id, "variants": plan.variants, "counts": plan.counts,
                       "request": request.recorded(), "quality": list(MEASURES),
-                      "predictors": {p: os.stat(p).st_mtime_ns for p in predictors}})
+                      "scores": score_fingerprints(run.paths, list(plan.scores)),   # their content, not path
+                      "predictors": {p: sha256_file(p) for p in predictors}})
     ckpt = open_checkpoint(run.paths.res / ".sweep", key)
     device = next(run.model.parameters()).device
     group = 1 if batch_size > 0 else sample_batch if sample_batch > 0 else auto_sample_batch(device)

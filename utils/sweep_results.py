@@ -1,18 +1,18 @@
 """The sweep's results (METHOD §6): the per-sample rows aggregated into curves, the settings they answer,
 and the files (``results.json``, ``results.csv``, ``per_sample.json``, one JSON per curve, the figures).
-``results.json`` is written last and names the request it answers, so :func:`sweep_done` can tell
-whether the folder already holds a sweep."""
+``results.json`` is written last and names the request it answers, the sha256 of every score file read and
+of every file written, so :func:`sweep_done` can tell whether the folder holds exactly that sweep."""
 from __future__ import annotations
 
 import csv
 import io
 import math
-import os
 
 import numpy as np
 
 from .artifacts import KINDS, RESULT_FILES
 from .errors import PipelineError
+from .fingerprint import sha256_file
 from .intervals import bootstrap_interval
 from .io import read_json, write_json, write_text
 from .labelset import load_labels
@@ -29,11 +29,10 @@ def figure_stem(plot_metric: str) -> str:
 
 
 def fingerprint(path) -> dict:
-    """Enough to notice that a score file was rewritten after the sweep read it."""
-    st = os.stat(path)
+    """What a score file the sweep read was: its content's sha256 and its provenance."""
     meta = read_json(meta_path(path))
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "run_id": meta.get("run_id"),
-            "num_samples": meta.get("num_samples"), "n_steps": meta.get("n_steps")}
+    return {"sha256": sha256_file(path), "run_id": meta.get("run_id"), "num_samples": meta.get("num_samples"),
+            "n_steps": meta.get("n_steps")}
 
 
 def _files_present(paths, metric: str) -> bool:
@@ -42,8 +41,9 @@ def _files_present(paths, metric: str) -> bool:
 
 def sweep_done(paths, run_id: str, request) -> bool:
     """True when ``paths.res`` holds a complete sweep of the labels ``run_id`` for exactly ``request`` (a
-    :class:`utils.sweep.SweepRequest`), from score files unchanged since, with no metric's files added since
-    (for ``all``), and every result file and figure in place.  run_pipeline.py skips the sweep then."""
+    :class:`utils.sweep.SweepRequest`), from score files of the same content since, with no metric's files
+    added since (for ``all``), and every result file and figure holding the bytes the sweep wrote (a
+    truncated, emptied or foreign file is not done).  run_pipeline.py skips the sweep then."""
     try:
         results = read_json(paths.results)
         recorded = results["settings"]
@@ -56,14 +56,16 @@ def sweep_done(paths, run_id: str, request) -> bool:
             if fingerprint(paths.root / rel) != fp:
                 return False
         for rel, fp in recorded.get("predictor_files", {}).items():     # retrained since: stale curves
-            if _stat(paths.root / rel) != fp:
+            if sha256_file(paths.root / rel) != fp:
                 return False
         if any(_files_present(paths, m) for m in recorded.get("metrics_skipped", [])):
             return False
-        names = list(RESULT_FILES) + [f"{key}.json" for key in results["curves"]]
+        # results.json itself was read above; every other file must hold the bytes it recorded
+        names = [n for n in RESULT_FILES if n != "results.json"] + [f"{key}.json" for key in results["curves"]]
         names += [figure_stem(m) + ext for m in wanted["plot_metrics"] for ext in (".png", ".pdf")]
-        return all((paths.res / n).is_file() for n in names)
-    except (OSError, KeyError, TypeError, ValueError, PipelineError):
+        written = results["files"]
+        return all(sha256_file(paths.res / n) == written[n] for n in names)
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, PipelineError):
         return False
 
 
@@ -100,11 +102,6 @@ def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
     return {"curves": curves}
 
 
-def _stat(path) -> list:
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
-
-
 def sweep_settings(run, request, metrics: list[str], skipped: list[str], weights, predictor_files=()) -> dict:
     """What ``results.json`` records beside the curves: the labels, the request, the model's sizes and a
     fingerprint of every score file read (``request``: a SweepRequest with the run's ``num_data``)."""
@@ -122,7 +119,7 @@ def sweep_settings(run, request, metrics: list[str], skipped: list[str], weights
             "request": request.recorded(), "metrics_skipped": skipped,
             "score_files": {str(run.paths.score(k, c).relative_to(run.paths.root)):
                             fingerprint(run.paths.score(k, c)) for k, c in used},
-            "predictor_files": {str(p.relative_to(run.paths.root)): _stat(p) for p in predictor_files}}
+            "predictor_files": {str(p.relative_to(run.paths.root)): sha256_file(p) for p in predictor_files}}
 
 
 def _is_curve_file(name: str) -> bool:
@@ -135,8 +132,9 @@ def _is_curve_file(name: str) -> bool:
 
 def write_results(folder, results: dict, rows: list[dict], plot_metrics=("bleu",)) -> None:
     """Replace the folder's sweep results: ``results.json`` goes first (so a crash in between leaves no
-    results.json beside half-replaced files, which marks the folder as unfinished) and comes back last;
-    per-curve JSONs and figures of curves or measures this sweep does not have are deleted."""
+    results.json beside half-replaced files, which marks the folder as unfinished) and comes back last,
+    recording the sha256 of every other file written (``files``); per-curve JSONs and figures of curves or
+    measures this sweep does not have are deleted."""
     from .plotting import plot_tradeoff
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -154,6 +152,8 @@ def write_results(folder, results: dict, rows: list[dict], plot_metrics=("bleu",
     write_text(folder / "results.csv", _csv(results))
     for measure in plot_metrics:
         plot_tradeoff(results, folder / figure_stem(measure), measure)
+    written = [n for n in RESULT_FILES if n != "results.json"] + sorted(keep) + sorted(figures)
+    results["files"] = {name: sha256_file(folder / name) for name in written}
     write_json(folder / "results.json", results)
 
 

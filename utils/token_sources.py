@@ -5,11 +5,11 @@ Each builder is ``build(run, request, metrics, selected, weights) -> (masker or 
 ``request`` is the sweep's :class:`utils.sweep.SweepRequest` with the run's ``num_data``."""
 from __future__ import annotations
 
-import os
 import sys
 
 from .artifacts import PREDICTOR_SCRIPT
 from .errors import PipelineError
+from .fingerprint import sha256_file
 from .metric_registry import get_metric
 from .predictor import PredictorMasker, read_predictors
 from .sites import COMPONENTS
@@ -53,13 +53,13 @@ def teal(run, request, metrics, selected, weights):
 
 
 def score_identity(run, metric: str) -> dict:
-    """What a predictor records of the score files it was trained on, to notice that they were rewritten."""
+    """What a predictor records of the score files it was trained on (their content's sha256), to notice
+    that they were rewritten."""
     out = {}
     for comp in COMPONENTS:
         for kind in get_metric(metric).kinds:
             path = run.paths.score(kind, comp)
-            st = os.stat(path)
-            out[str(path.relative_to(run.paths.root))] = [st.st_size, st.st_mtime_ns]
+            out[str(path.relative_to(run.paths.root))] = sha256_file(path)
     return out
 
 
