@@ -375,8 +375,10 @@ def test_metric_all_skips_missing_files_only(pipeline, llama_copy, capsys):
     (["--mask_layers", "0,1,1"], "error: --mask_layers '0,1,1' names layer 1 more than once; name each layer once"),
     (["--ratios", "0.1", "0.5", "0.1"], "error: --ratios repeats 0.1; give each ratio once"),
     (["--ratios", "0.5", "1.0"], "error: deactivation ratio 1.0 is outside [0, 1)"),
-    (["--source", "label"], "error: unknown --source label; choose from oracle, prompt, static or all"),
-    (["--calib_num_data", "3"], "error: --calib_num_data only applies to --source static; drop it or add static"),
+    (["--source", "label"], "error: unknown --source label; choose from oracle, prompt, static, online, predictor, "
+                            "teal or all"),
+    (["--calib_num_data", "3"], "error: --calib_num_data only applies to --source static or predictor or teal; drop "
+                                "it or add static or predictor or teal"),
     (["--metric_name", "gxo", "gxo"], "error: --metric_name repeats gxo; give each metric once"),
 ], ids=["layers-reversed", "layers-twice", "ratio-twice", "ratio-one", "source", "calib", "metric-twice"])
 def test_sweep_refuses(pipeline, llama_copy, capsys, args, expected):

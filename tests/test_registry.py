@@ -170,7 +170,7 @@ def test_a_declared_source_is_everywhere(toy_sources):
     it is gone."""
     register_source(Source("last", _last_step, "the last step's mask for every step", "last (one mask)", "-.",
                            uses_label=True))
-    assert parse_sources(["all"]) == ["oracle", "prompt", "static", "last"]
+    assert parse_sources(["all"]) == ["oracle", "prompt", "static", "online", "predictor", "teal", "last"]
     assert parse_sources(["last", "oracle"]) == ["oracle", "last"]
     rank = torch.randn(4, L, I, generator=torch.Generator().manual_seed(2))
     masks = source_keep_masks("last", rank, [0.0, 0.5])
@@ -179,7 +179,7 @@ def test_a_declared_source_is_everywhere(toy_sources):
     help_text = " ".join(sweep_main.build_parser().format_help().split())
     assert "last (the last step's mask for every step), or all" in help_text
     assert "oracle prompt static online predictor teal last or all" in " ".join(run_pipeline.build_parser().format_help().split())
-    assert label_free_sources() == ("prompt", "static", "online", "predictor", "teal", "last")
+    assert label_free_sources() == ("prompt", "static", "online", "predictor", "teal")
     request = sweep_request(["gxo"], ratios=[0.0], sources=["last"])
     assert request.calib_num_data is None
 
@@ -194,5 +194,5 @@ def test_a_declared_source_is_everywhere(toy_sources):
     unregister_source("last")
     assert calibrated_sources() == ("static", "predictor", "teal")
     assert list(SOURCES) == ["oracle", "prompt", "static", "online", "predictor", "teal"]
-    with pytest.raises(PipelineError, match="unknown --source last; choose from oracle, prompt, static or all"):
+    with pytest.raises(PipelineError, match="unknown --source last; choose from oracle, prompt, static, online, predictor, teal or all"):
         parse_sources(["last"])
