@@ -22,9 +22,11 @@ A gather of input channels (a column of ``W``, a row of ``Wᵀ``) is ``F.embeddi
 weight: it reads the kept rows in place and sums them, with no copy (on the 2-core CPU at 50 % kept it takes
 0.66 of the dense GEMV's time, against 6.5x for ``index_select`` + matmul, which allocates and page-faults a
 new matrix each token).  A gather of output rows (the query, gate/up rows) has no such stock kernel:
-``rows="index_select"`` copies the kept rows into a buffer and multiplies (slower than the dense GEMV on that
-CPU), ``rows="compiled"`` lets ``torch.compile`` (inductor) fuse the gather into the dot products
-(``(W[idx] * x).sum(-1)``: reads only the kept rows).
+``rows="cpp"`` is a small C++ gather-GEMV built on first use (each kept row's dot product read in place: on
+that CPU 50 % of gate+up in 0.32 of the dense GEMV's time), ``rows="index_select"`` copies the kept rows into
+a buffer and multiplies (slower than the dense GEMV there), ``rows="compiled"`` lets ``torch.compile``
+(inductor) fuse the gather into the dot products (``(W[idx] * x).sum(-1)``; about 0.8 of the dense time at
+50 %).
 
 Positions other than a single decode token (the prompt) run dense, as every per-token source runs its
 prompt.  ``static=True`` makes the selection shape-static (exactly ``k`` units, no tie check, no host
@@ -43,25 +45,86 @@ from .sites import ATTN, MLP
 from .sparse_model import shallow_clone
 from .token_masks import kept_units
 
-ROW_MODES = ("index_select", "compiled")
+ROW_MODES = ("cpp", "index_select", "compiled")
 _compiled_rows = {}
 _ZERO = {}             # per device: the one bag's offsets of column_gather
 
 
-def _rows_eager(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``[k, m]``: the dot products of ``x`` ``[in]`` with rows ``w[idx]`` of ``w`` ``[N, m, in]``."""
-    k, m = idx.shape[0], w.shape[1]
-    return F.linear(x, w.index_select(0, idx).view(k * m, -1)).view(k, m)
+class _RowsCopy:
+    """``(w [N, m, in], idx [k], x [in]) -> [k, m]``: the kept rows copied into a buffer kept between calls (a
+    new matrix each token would page-fault its pages in), then one matrix-vector product."""
+
+    def __init__(self):
+        self.buf = None
+
+    def __call__(self, w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        k, m = idx.shape[0], w.shape[1]
+        shape = (k, m, w.shape[2])
+        if self.buf is None or self.buf.shape != shape or self.buf.dtype != w.dtype:
+            self.buf = w.new_empty(shape)
+        return torch.mv(torch.index_select(w, 0, idx, out=self.buf).view(k * m, -1), x).view(k, m)
 
 
 def _rows_fused(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (w[idx] * x).sum(-1)
 
 
+# A gather-GEMV for the CPU: each kept row's dot product with x, read in place (float accumulation), the rows
+# split over torch's threads.  Built once per machine by torch.utils.cpp_extension (needs a C++ compiler and
+# ninja; about 20 s) into torch's extension cache.
+_CPP_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+template <typename T>
+static void rows_kernel(const T* W, const int64_t* I, const T* X, T* O, int64_t k, int64_t m, int64_t in) {
+  #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t j = 0; j < k * m; ++j) {
+    const T* row = W + (I[j / m] * m + j % m) * in;
+    float acc = 0.f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t i = 0; i < in; ++i) acc += static_cast<float>(row[i]) * static_cast<float>(X[i]);
+    O[j] = static_cast<T>(acc);
+  }
+}
+torch::Tensor gather_rows(torch::Tensor w, torch::Tensor idx, torch::Tensor x) {
+  TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && x.is_contiguous() && idx.scalar_type() == torch::kLong &&
+              w.scalar_type() == x.scalar_type(), "gather_rows: w [N, m, in] contiguous, idx long, x [in]");
+  auto ix = idx.contiguous();
+  const int64_t k = ix.size(0), m = w.size(1), in = w.size(2);
+  auto out = torch::empty({k, m}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "gather_rows", [&] {
+    rows_kernel<scalar_t>(w.data_ptr<scalar_t>(), ix.data_ptr<int64_t>(), x.data_ptr<scalar_t>(),
+                          out.data_ptr<scalar_t>(), k, m, in);
+  });
+  return out;
+}
+"""
+_cpp = {}
+
+
+def cpp_rows():
+    """The compiled CPU gather-GEMV ``(w [N, m, in], idx [k], x [in]) -> [k, m]``, built on first use."""
+    if "fn" not in _cpp:
+        from torch.utils.cpp_extension import load_inline
+
+        try:
+            ext = load_inline("sparse_activation_gather_rows", cpp_sources=_CPP_SOURCE, functions=["gather_rows"],
+                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        except (RuntimeError, OSError, ImportError) as err:
+            raise PipelineError(f"cannot build the CPU gather kernel of --rows cpp ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''}); use --rows index_select") from None
+        _cpp["fn"] = ext.gather_rows
+    return _cpp["fn"]
+
+
 def row_gather(mode: str, backend: str = "inductor"):
-    """The function ``(w [N, m, in], idx [k], x [in]) -> [k, m]`` of a rows mode."""
+    """A function ``(w [N, m, in], idx [k], x [in]) -> [k, m]`` (the dot products of ``x`` with the rows
+    ``w[idx]``) of a rows mode; "index_select" gives each caller its own buffer."""
     if mode == "index_select":
-        return _rows_eager
+        return _RowsCopy()
+    if mode == "cpp":
+        return cpp_rows()
     if mode != "compiled":
         raise PipelineError(f"unknown rows mode {mode!r}; choose one of {', '.join(ROW_MODES)}")
     if backend not in _compiled_rows:
@@ -93,10 +156,8 @@ def select_units(scores: torch.Tensor, k: int, static: bool = False) -> torch.Te
         return torch.arange(units, device=scores.device)
     if static:
         return scores.topk(k, sorted=False).indices
-    values, indices = scores.topk(k + 1)
-    if bool(values[k] == values[k - 1]):                      # a tie at the threshold: keep every tied unit
-        return (scores >= values[k - 1]).nonzero().view(-1)
-    return indices[:k]
+    threshold = scores.kthvalue(units - k + 1).values        # top_share's threshold: O(units), no sort
+    return (scores >= threshold).nonzero().view(-1)
 
 
 class _Gather(nn.Module):
@@ -105,11 +166,22 @@ class _Gather(nn.Module):
 
     def __init__(self, predictor, layer: int, keep: int, static: bool, rows):
         super().__init__()
-        self.predictor, self.layer, self.keep, self.static, self.rows = predictor, layer, keep, static, rows
+        self.predictor, self.layer, self.keep, self.static = predictor, layer, keep, static
+        self.rows = row_gather(rows, "inductor") if isinstance(rows, str) else rows
         self.idx = None
+        # the predictor's layer with its standardisation folded in: (h - mean) / scale @ down
+        # = h @ (down / scale[:, None]) - (mean / scale) @ down (the same map; rounding may differ in the last bits)
+        mean, scale, down = predictor.mean[layer], predictor.scale[layer], predictor.down[layer]
+        self.p_down = (down / scale[:, None]).contiguous()
+        self.p_shift = -((mean / scale) @ down)
+        self.p_mid = None if predictor.mid is None else predictor.mid[layer]
+        self.p_up, self.p_bias = predictor.up[layer], predictor.bias[layer]
 
     def choose(self, h: torch.Tensor) -> torch.Tensor:
-        scores = self.predictor(h.float().view(1, -1), self.layer)[0]
+        z = torch.addmv(self.p_shift, self.p_down.t(), h.float())
+        if self.p_mid is not None:
+            z = torch.relu(z @ self.p_mid)
+        scores = torch.addmv(self.p_bias, self.p_up.t(), z)
         self.idx = select_units(scores, self.keep, self.static)
         return self.idx
 
@@ -134,6 +206,7 @@ class _HeadGather(_Gather):
         self.q_bias = None if q.bias is None else q.bias.view(heads, head_dim)
         self.out_t = out.weight.t().contiguous()                                     # [heads * hd, out]
         self.out_bias = out.bias
+        self.channels = torch.arange(heads * head_dim, device=out.weight.device).view(heads, head_dim)
 
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
         H, hd = self.heads, self.head_dim
@@ -152,7 +225,7 @@ class _HeadGather(_Gather):
             full = q.new_zeros(H, hd).index_copy_(0, idx, q)     # pruned heads: a zero query, output unread
             return full.view(*x.shape[:-1], H * hd)
         idx = self.idx
-        channels = (idx[:, None] * hd + torch.arange(hd, device=idx.device)).view(-1)
+        channels = self.channels.index_select(0, idx)
         kept = x.reshape(H, hd).index_select(0, idx)
         y = column_gather(self.out_t, channels, kept)
         if self.out_bias is not None:
@@ -213,7 +286,8 @@ def predictor_model(model: nn.Module, predictors: dict, ratio: float, rows: str 
     from .sites import locate_units
 
     layout = locate_units(model)
-    gather = row_gather(rows, backend)
+    row_gather(rows, backend)                        # an unknown mode fails here, before anything is built
+    gather = (lambda: row_gather(rows, backend))
     device = next(model.parameters()).device
     preds = {c: predictors[c].to(device) for c in (ATTN, MLP)}
     new = shallow_clone(model)
@@ -227,12 +301,12 @@ def predictor_model(model: nn.Module, predictors: dict, ratio: float, rows: str 
                 raise PipelineError(f"the gathered decode path needs separate q/k/v and MLP input Linear modules; "
                                     f"decoder layer {index} ({type(layer).__name__}) has none")
             heads = _HeadGather(getattr(found.attention, qkv[0]), found.attn_out, layout.num_heads, layout.head_dim,
-                                predictor=preds[ATTN], layer=index, keep=keep[ATTN], static=static, rows=gather)
+                                predictor=preds[ATTN], layer=index, keep=keep[ATTN], static=static, rows=gather())
             found.attention.gathered_heads = heads
             setattr(found.attention, qkv[0], _Part(heads, 0))
             setattr(found.attention, found.attn_out_name, _Part(heads, 1))
             neurons = _NeuronGather([getattr(found.mlp, n) for n in mlp_in], found.mlp_down, predictor=preds[MLP],
-                                    layer=index, keep=keep[MLP], static=static, rows=gather)
+                                    layer=index, keep=keep[MLP], static=static, rows=gather())
             found.mlp.gathered_neurons = neurons
             for i, name in enumerate(mlp_in):
                 setattr(found.mlp, name, _Part(neurons, i))
@@ -288,3 +362,38 @@ def teal_model(model: nn.Module, thresholds: torch.Tensor, wina: bool = False) -
                 total += weight_out_in(module).numel()
     new.gathered = {"source": "teal", "counter": counter, "layer_weights": total, "wina": wina}
     return new
+
+
+def _bytes(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def skipped_bytes(model: nn.Module) -> int:
+    """Weight bytes a decode step of a :func:`predictor_model` does not read: the pruned heads' query rows
+    (and bias) and output columns, the pruned neurons' input rows (and biases) and down columns."""
+    out = 0
+    for m in model.modules():
+        if isinstance(m, _HeadGather):
+            pruned = m.heads - m.keep
+            out += pruned * (_bytes(m.q_weight[0]) + _bytes(None if m.q_bias is None else m.q_bias[0])
+                             + _bytes(m.out_t[:m.head_dim]))
+        elif isinstance(m, _NeuronGather):
+            pruned = m.in_weight.shape[0] - m.keep
+            out += pruned * (_bytes(m.in_weight[0]) + _bytes(None if m.in_bias is None else m.in_bias[0])
+                             + _bytes(m.down_t[0]))
+    return out
+
+
+def predictor_bytes(model: nn.Module) -> int:
+    """Bytes of the predictors a decode step of a :func:`predictor_model` reads (every layer's slice)."""
+    seen, out = set(), 0
+    for m in model.modules():
+        if isinstance(m, _Gather) and id(m.predictor) not in seen:
+            seen.add(id(m.predictor))
+            out += sum(_bytes(t) for t in list(m.predictor.parameters()) + list(m.predictor.buffers()))
+    return out
+
+
+def projection_bytes(model: nn.Module) -> int:
+    """Bytes of every block projection's weight of a :func:`teal_model` (what a dense step reads of them)."""
+    return sum(_bytes(m.weight_t) for m in model.modules() if isinstance(m, _TealColumns))
