@@ -213,7 +213,8 @@ def make_token_entry(dense, layout, share, source, dense_bytes, read, args) -> d
         settings = PredictorSettings(rank=PREDICTOR_RANK, seed=SEED)
         preds = {comp: Predictor(layout.num_layers, layout.hidden, layout.units(comp), settings).eval()
                  .requires_grad_(False) for comp in (ATTN, MLP)}
-        model = predictor_model(dense, preds, ratio, rows=args.rows)
+        # compiled (a GPU's CUDA graphs): shape-static selection, exactly k units, no host synchronisation
+        model = predictor_model(dense, preds, ratio, rows=args.rows, static=entry_compiled(args))
         delta = predictor_bytes(model) - skipped_bytes(model)
         entry.update(kept_heads=model.gathered["kept_heads"] / layout.num_heads,
                      kept_neurons=model.gathered["kept_neurons"] / layout.intermediate,
@@ -260,6 +261,15 @@ def _finish_teal(entry, dense_bytes) -> None:
                  read={**base, "weights": base["weights"] + delta, "total": int(base["total"] + delta)})
 
 
+def entry_compiled(args) -> bool:
+    return args.compile_mode is not None
+
+
+def _row_compile(key, compile_mode):
+    """A row's compile mode: every row's but teal's (its kept channels change in number every token: eager)."""
+    return None if key[1] == "teal" else compile_mode
+
+
 def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes, bandwidth: float,
                   per_token: tuple = ()) -> list:
     """Rows of one batch size and path: every kept share (1.0 = the dense model), and for each source in
@@ -285,7 +295,7 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes,
             entry = build(key)
             _reset_peak(device)
             entry["decoder"] = _new_decoder(entry["model"], prompt, args,
-                                            compile_mode if key[1] is None else None)
+                                            _row_compile(key, compile_mode))
             runs = [_one_run(entry, prompt, args) for _ in range(args.warmup + args.repeats)][args.warmup:]
             results[key] = (entry, _summary(entry, runs, args, *_peak(device)))
             if args.profile and key[1] is None:
@@ -297,7 +307,7 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes,
         entries = {key: build(key) for key in keys}
         _reset_peak(device)
         for key, entry in entries.items():
-            entry["decoder"] = _new_decoder(entry["model"], prompt, args, compile_mode if key[1] is None else None)
+            entry["decoder"] = _new_decoder(entry["model"], prompt, args, _row_compile(key, compile_mode))
             for _ in range(args.warmup):
                 _one_run(entry, prompt, args)
         runs = {key: [] for key in entries}
@@ -322,7 +332,7 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes,
         if "kept_runs" in entry:
             _finish_teal(entry, dense_bytes)
         row = {"batch": prompt.shape[0], "fused": entry["fused"],
-               "compile": (compile_mode if source is None else None) or "eager", "kept": share,
+               "compile": _row_compile(key, compile_mode) or "eager", "kept": share,
                "path": entry["path"], **summary, "build_ms": entry["build_ms"],
                "weight_bytes": entry["weight_bytes"], "kept_heads": entry["kept_heads"],
                "kept_neurons": entry["kept_neurons"]}
@@ -404,9 +414,12 @@ def run(args) -> dict:
     per_token = [p for p in per_token if p != "none"]
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.compile_mode = compile_mode
+    if compile_mode is not None and "teal" in per_token:
+        print("note: the teal rows run eager (their gathers change shape every token)", file=sys.stderr)
     if args.rows == "auto":
-        args.rows = "index_select"
-        if "predictor" in per_token:
+        args.rows = "index_select" if compile_mode is None else "compiled"
+        if "predictor" in per_token and device.type == "cpu" and compile_mode is None:
             try:
                 cpp_rows()
                 args.rows = "cpp"

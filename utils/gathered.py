@@ -23,13 +23,13 @@ weight: it reads the kept rows in place and sums them, with no copy (on the 2-co
 0.66 of the dense GEMV's time, against 6.5x for ``index_select`` + matmul, which allocates and page-faults a
 new matrix each token).  A gather of output rows (the query, gate/up rows) has no such stock kernel:
 ``rows="cpp"`` is a small C++ gather-GEMV built on first use (each kept row's dot product read in place: on
-that CPU 50 % of gate+up in 0.32 of the dense GEMV's time), ``rows="index_select"`` copies the kept rows into
-a buffer and multiplies (slower than the dense GEMV there), ``rows="compiled"`` lets ``torch.compile``
-(inductor) fuse the gather into the dot products (``(W[idx] * x).sum(-1)``; about 0.8 of the dense time at
-50 %).
+that CPU 50 % of gate+up in about a third of the dense GEMV's time), ``rows="index_select"`` copies the kept
+rows into a buffer and multiplies (slower than the dense GEMV there), ``rows="compiled"`` lets
+``torch.compile`` (inductor) fuse the gather into the dot products (``(W[idx] * x).sum(-1)``; about 0.8 of
+the dense time at 50 %).
 
 Positions other than a single decode token (the prompt) run dense, as every per-token source runs its
-prompt.  ``static=True`` makes the selection shape-static (exactly ``k`` units, no tie check, no host
+prompt.  ``static=True`` makes the selection shape-static (exactly ``k`` units by ``topk``, no host
 synchronisation), so a step can be compiled whole with CUDA graphs (utils/decode.py); the tie rule then differs
 from the masker's only when scores tie exactly at the threshold.
 """
@@ -286,9 +286,11 @@ def predictor_model(model: nn.Module, predictors: dict, ratio: float, rows: str 
     from .sites import locate_units
 
     layout = locate_units(model)
+    device = next(model.parameters()).device
+    if rows == "cpp" and device.type != "cpu":
+        raise PipelineError(f"the cpp row gather runs on a CPU, not {device.type}; use rows='compiled'")
     row_gather(rows, backend)                        # an unknown mode fails here, before anything is built
     gather = (lambda: row_gather(rows, backend))
-    device = next(model.parameters()).device
     preds = {c: predictors[c].to(device) for c in (ATTN, MLP)}
     new = shallow_clone(model)
     keep = {c: kept_units(ratio, layout.units(c)) for c in (ATTN, MLP)}
