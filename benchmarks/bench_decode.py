@@ -22,6 +22,12 @@ per batch: transformers' own ``generate()`` with a static cache, and a chain of 
 dense model's linear weights (CUDA-graphed on a GPU): what the library gives, and what reading the
 weights with stock kernels costs.  On a GPU, ``--profile`` (default there) counts the kernels of a
 decode step and breaks their time down by kind (GEMV, attention, norm, copies, other).
+
+Per-token rows (``--per_token predictor teal``; by default on a CPU, at batch 1, eager): the gathered decode
+of utils/gathered.py at each kept share below 1, in the same run: ``predictor`` with random rank-64
+predictors (exactly the kept share of heads and neurons per layer and token; the predictor's bytes are counted),
+``teal`` with magnitude thresholds calibrated on the dense model's own continuations (the share of columns it
+really read is measured and reported).  Their "weights MB" and bytes-ideal are the weights a step reads.
 """
 from __future__ import annotations
 
@@ -543,7 +549,8 @@ def markdown(result: dict) -> str:
                      f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['build_ms']:.0f} |")
     lines.append("")
     lines.append(f"peak MB: {result['rows'][0]['peak_mem_kind']}; build ms: the sparse model's gather "
-                 "(index_select of the kept slices), paid once per request for a per-prompt mask; floor: the "
+                 "(index_select of the kept slices), paid once per request for a per-prompt mask; per-token rows: "
+                 "weights MB and ideal are the weights a step reads (predictor included); floor: the "
                  "bytes a step must read (weights, embedding rows, KV cache at its mean length) at the "
                  "measured read bandwidth")
     if result.get("anchors"):

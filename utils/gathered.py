@@ -10,8 +10,8 @@ transformers model (its modules replaced, no modeling code copied; the model's f
   the query projection are multiplied, the kept heads' columns of the output projection, the kept neurons'
   rows of gate/up (fc1) and columns of down (fc2).  Keys and values of every KV head are computed and cached
   as in the dense model: later tokens may keep heads this token pruned, and the zero-masked model caches them
-  too.  A pruned head's query is zero, its attention runs (over the cache every kept head of its KV group
-  reads anyway: a few hundred multiply-adds) and its output is never read, so the step equals zero-masking the
+  too.  A pruned head's query is zero, its attention runs (the stock attention, unchanged: a few hundred
+  multiply-adds over its KV group's cache) and its output is never read, so the step equals zero-masking the
   pruned heads' outputs (``PredictorMasker``).
 - :func:`teal_model` (the ``teal`` source, utils/teal.py): every block projection multiplies only the weight
   rows of its transposed ``[in, out]`` copy whose input channel is kept (``|x|`` or ``|x|·‖column‖`` at or
