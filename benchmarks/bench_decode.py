@@ -22,6 +22,12 @@ per batch: transformers' own ``generate()`` with a static cache, and a chain of 
 dense model's linear weights (CUDA-graphed on a GPU): what the library gives, and what reading the
 weights with stock kernels costs.  On a GPU, ``--profile`` (default there) counts the kernels of a
 decode step and breaks their time down by kind (GEMV, attention, norm, copies, other).
+
+Per-token rows (``--per_token predictor teal``; by default on a CPU, at batch 1, eager): the gathered decode
+of utils/gathered.py at each kept share below 1, in the same run: ``predictor`` with random rank-64
+predictors (exactly the kept share of heads and neurons per layer and token; the predictor's bytes are counted),
+``teal`` with magnitude thresholds calibrated on the dense model's own continuations (the share of columns it
+really read is measured and reported).  Their "weights MB" and bytes-ideal are the weights a step reads.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.decode import COMPILE_MODES, GreedyDecoder, fuse_projections  # noqa: E402
+from utils.gathered import ROW_MODES, cpp_rows  # noqa: E402
 from utils.cli import cli_entry  # noqa: E402
 from utils.errors import PipelineError  # noqa: E402
 from utils.io import write_json  # noqa: E402
@@ -63,6 +70,12 @@ SEED = 0
 ANCHORS = False            # also time transformers' generate() and a plain GEMV chain over the weights
 PROFILE = "auto"           # kernels per decode step and their time by kind (auto: on CUDA)
 PROFILE_STEPS = 16         # decode steps the profiler records per row
+PER_TOKEN = ("predictor", "teal")
+PER_TOKEN_DEFAULT = "auto"  # per-token gathered rows (utils/gathered.py): auto = both on a CPU at batch 1, none on CUDA
+ROWS = "auto"              # how the predictor path gathers output rows (utils.gathered.ROW_MODES; auto: cpp if it builds)
+PREDICTOR_RANK = 64        # the random predictors' rank (the predictor step's default)
+TEAL_CALIB = 3             # prompts (the benchmark's and random others) whose greedy continuations calibrate teal
+THREADS = 0                # CPU threads (0: torch's default)
 SUSPECT = 1.10             # a speed-up above its bytes-ideal, or a share of the floor above 1, by this factor
 
 
@@ -132,9 +145,14 @@ def _new_decoder(model, prompt, args, compile_mode):
 
 def _one_run(entry, prompt, args) -> tuple:
     t = {}
+    counter = getattr(entry["model"], "gathered", {}).get("counter")
+    if counter is not None:
+        counter["kept"] = 0
     tokens = entry["decoder"].generate(prompt, args.new_tokens, prefill_model=entry["prefill_model"],
                                        plan=entry["plan"], timings=t)
     entry["first_tokens"] = tokens[0, :8].tolist()
+    if counter is not None:
+        entry["kept_runs"].append(counter["kept"] / (args.new_tokens - 1))
     return t["decode_s"], t["prefill_s"]
 
 
@@ -182,57 +200,153 @@ def make_entry(dense, layout, share, fused, dense_bytes, device, read) -> dict:
     return entry
 
 
-def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes, bandwidth: float) -> list:
-    """Rows of one batch size and path: every kept share (1.0 = the dense model).  Sequential: one
-    model at a time, all its runs (per-row peak memory).  Interleaved: every round runs each model
-    once, so drifting load on a shared machine hits all rows alike (peak memory: all models at once)."""
+def make_token_entry(dense, layout, share, source, dense_bytes, read, args) -> dict:
+    """The model of a per-token row (utils/gathered.py): ``source`` "predictor" (random low-rank predictors
+    of rank ``PREDICTOR_RANK``: which units they keep does not change the speed, how many does) or "teal"
+    (magnitude thresholds calibrated to the deactivation ratio 1 - share on the dense model's own greedy
+    continuations of random prompts: :func:`teal_samples`; the share of columns it really reads is measured
+    while it decodes).  The prompt runs dense."""
+    from utils.gathered import predictor_bytes, predictor_model, projection_bytes, skipped_bytes, teal_model
+    from utils.predictor import Predictor, PredictorSettings
+    from utils.teal import calibrate_thresholds
+
+    ratio = round(1.0 - share, 6)
+    start = time.perf_counter()
+    base = read(dense)
+    entry = {"kept": share, "fused": False, "prefill_model": None, "plan": None, "source": source,
+             "path": f"per-token {source} (gathered)"}
+    if source == "predictor":
+        settings = PredictorSettings(rank=PREDICTOR_RANK, seed=SEED)
+        preds = {comp: Predictor(layout.num_layers, layout.hidden, layout.units(comp), settings).eval()
+                 .requires_grad_(False) for comp in (ATTN, MLP)}
+        # compiled (a GPU's CUDA graphs): shape-static selection, exactly k units, no host synchronisation
+        model = predictor_model(dense, preds, ratio, rows=args.rows, static=entry_compiled(args))
+        delta = predictor_bytes(model) - skipped_bytes(model)
+        entry.update(kept_heads=model.gathered["kept_heads"] / layout.num_heads,
+                     kept_neurons=model.gathered["kept_neurons"] / layout.intermediate,
+                     predictor_bytes=predictor_bytes(model),
+                     weight_bytes=dense_bytes["total"] + delta,
+                     read={**base, "weights": base["weights"] + delta, "total": base["total"] + delta})
+    elif source == "teal":
+        samples = teal_samples(dense, args)
+        thresholds = calibrate_thresholds(dense, samples, ["magnitude"], [ratio])
+        model = teal_model(dense, thresholds[0, 0])
+        entry.update(projection_bytes=projection_bytes(model), kept_runs=[], base_read=base,
+                     elem=next(dense.parameters()).element_size())
+    else:
+        raise PipelineError(f"unknown per-token source {source!r}; choose from {', '.join(PER_TOKEN)}")
+    entry.update(model=model, build_ms=1e3 * (time.perf_counter() - start))
+    return entry
+
+
+_TEAL_SAMPLES = {}
+
+
+def teal_samples(dense, args) -> list:
+    """``TEAL_CALIB`` (prompt, dense greedy continuation) pairs: the benchmark's own prompt and random ones of
+    its length, each continued for ``--new_tokens`` (made once per run)."""
+    if "samples" not in _TEAL_SAMPLES:
+        device = next(dense.parameters()).device
+        vocab = dense.get_input_embeddings().weight.shape[0]
+        prompts = [torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(SEED + i))
+                   for i in range(TEAL_CALIB)]        # seed SEED: the benchmark's own prompt
+        decoder = GreedyDecoder(dense, 1, args.prompt_len + args.new_tokens)
+        _TEAL_SAMPLES["samples"] = [(p[0].tolist(), decoder.generate(p.to(device), args.new_tokens)[0].tolist())
+                                    for p in prompts]
+    return _TEAL_SAMPLES["samples"]
+
+
+def _finish_teal(entry, dense_bytes) -> None:
+    """A teal row's kept share and bytes, from the columns its decode steps really read."""
+    elem = entry["elem"]
+    kept = statistics.mean(entry["kept_runs"])                      # weights read per step (elements)
+    delta = kept * elem - entry["projection_bytes"]
+    share = kept * elem / entry["projection_bytes"]
+    base = entry["base_read"]
+    entry.update(kept_heads=share, kept_neurons=share, weight_bytes=dense_bytes["total"] + delta,
+                 read={**base, "weights": base["weights"] + delta, "total": int(base["total"] + delta)})
+
+
+def entry_compiled(args) -> bool:
+    return args.compile_mode is not None
+
+
+def _row_compile(key, compile_mode):
+    """A row's compile mode: every row's but teal's (its kept channels change in number every token: eager)."""
+    return None if key[1] == "teal" else compile_mode
+
+
+def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes, bandwidth: float,
+                  per_token: tuple = ()) -> list:
+    """Rows of one batch size and path: every kept share (1.0 = the dense model), and for each source in
+    ``per_token`` its gathered per-token path at every kept share below 1.  Sequential: one model at a
+    time, all its runs (per-row peak memory).  Interleaved: every round runs each model once, so drifting
+    load on a shared machine hits all rows alike (peak memory: all models at once)."""
     device = prompt.device
     shares = sorted(set(args.kept) | {1.0}, reverse=True)
+    keys = [(share, None) for share in shares] + [(share, src) for src in per_token for share in shares
+                                                  if share < 1.0]
     results = {}
 
     def read(model):
         return bytes_per_token(model, prompt.shape[0], args.prompt_len, args.new_tokens)
+
+    def build(key):
+        share, source = key
+        if source is None:
+            return make_entry(dense, layout, share, fused, dense_bytes, device, read)
+        return make_token_entry(dense, layout, share, source, dense_bytes, read, args)
     if not args.interleave:
-        for share in shares:
-            entry = make_entry(dense, layout, share, fused, dense_bytes, device, read)
+        for key in keys:
+            entry = build(key)
             _reset_peak(device)
-            entry["decoder"] = _new_decoder(entry["model"], prompt, args, compile_mode)
+            entry["decoder"] = _new_decoder(entry["model"], prompt, args,
+                                            _row_compile(key, compile_mode))
             runs = [_one_run(entry, prompt, args) for _ in range(args.warmup + args.repeats)][args.warmup:]
-            results[share] = (entry, _summary(entry, runs, args, *_peak(device)))
-            if args.profile:
+            results[key] = (entry, _summary(entry, runs, args, *_peak(device)))
+            if args.profile and key[1] is None:
                 entry["profile"] = profile_steps(entry, prompt, args)
             entry["decoder"] = entry["model"] = None
             if compile_mode is not None:
                 torch._dynamo.reset()      # drop this model's compiled graphs (and their CUDA graph pools)
     else:
-        entries = [make_entry(dense, layout, share, fused, dense_bytes, device, read) for share in shares]
+        entries = {key: build(key) for key in keys}
         _reset_peak(device)
-        for entry in entries:
-            entry["decoder"] = _new_decoder(entry["model"], prompt, args, compile_mode)
+        for key, entry in entries.items():
+            entry["decoder"] = _new_decoder(entry["model"], prompt, args, _row_compile(key, compile_mode))
             for _ in range(args.warmup):
                 _one_run(entry, prompt, args)
-        runs = {e["kept"]: [] for e in entries}
+        runs = {key: [] for key in entries}
         for _ in range(args.repeats):
-            for entry in entries:
-                runs[entry["kept"]].append(_one_run(entry, prompt, args))
+            for key, entry in entries.items():
+                runs[key].append(_one_run(entry, prompt, args))
         peak = _peak(device, " (all rows' models resident)")
-        for entry in entries:
-            results[entry["kept"]] = (entry, _summary(entry, runs[entry["kept"]], args, *peak))
-            if args.profile:
+        for key, entry in entries.items():
+            results[key] = (entry, _summary(entry, runs[key], args, *peak))
+            if args.profile and key[1] is None:
                 entry["profile"] = profile_steps(entry, prompt, args)
         del entries
         if compile_mode is not None:
             torch._dynamo.reset()
-    base = results[1.0][1]["ms_per_token"]
+    base = results[(1.0, None)][1]["ms_per_token"]
     rows = []
-    for share in shares:
+    for key in keys:
+        share, source = key
         if share not in args.kept:
             continue
-        entry, summary = results[share]
-        row = {"batch": prompt.shape[0], "fused": fused, "compile": compile_mode or "eager", "kept": share,
+        entry, summary = results[key]
+        if "kept_runs" in entry:
+            _finish_teal(entry, dense_bytes)
+        row = {"batch": prompt.shape[0], "fused": entry["fused"],
+               "compile": _row_compile(key, compile_mode) or "eager", "kept": share,
                "path": entry["path"], **summary, "build_ms": entry["build_ms"],
                "weight_bytes": entry["weight_bytes"], "kept_heads": entry["kept_heads"],
                "kept_neurons": entry["kept_neurons"]}
+        if source is not None:
+            row["per_token"] = source
+            if "predictor_bytes" in entry:
+                row["predictor_bytes"] = entry["predictor_bytes"]
+                row["rows"] = args.rows
         row["speedup"] = base / row["ms_per_token"]
         row["ideal_speedup"] = dense_bytes["total"] / row["weight_bytes"]
         row.update(floor_fields(entry["read"]["total"], bandwidth, row["ms_per_token"]),
@@ -241,9 +355,9 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes,
             row["profile"] = entry["profile"]
         flag(row)
         rows.append(row)
-        print(f"  batch {row['batch']} fused={fused} kept {share}: {row['ms_per_token']:.2f} ms/token "
-              f"({row['speedup']:.2f}x, ideal {row['ideal_speedup']:.2f}x; {100 * row['share_of_floor']:.0f}% "
-              f"of the floor {row['floor_ms']:.2f} ms)", flush=True)
+        print(f"  batch {row['batch']} fused={row['fused']} kept {share} {row['path']}: {row['ms_per_token']:.2f} "
+              f"ms/token ({row['speedup']:.2f}x, ideal {row['ideal_speedup']:.2f}x; "
+              f"{100 * row['share_of_floor']:.0f}% of the floor {row['floor_ms']:.2f} ms)", flush=True)
     return rows
 
 
@@ -300,6 +414,23 @@ def run(args) -> dict:
         args.profile = device.type == "cuda"
     elif args.profile and device.type != "cuda":
         raise PipelineError("--profile counts GPU kernels; on a CPU leave it out")
+    per_token = args.per_token
+    if per_token == ["auto"]:
+        per_token = list(PER_TOKEN) if device.type == "cpu" else []
+    per_token = [p for p in per_token if p != "none"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.compile_mode = compile_mode
+    if compile_mode is not None and "teal" in per_token:
+        print("note: the teal rows run eager (their gathers change shape every token)", file=sys.stderr)
+    if args.rows == "auto":
+        args.rows = "index_select" if compile_mode is None else "compiled"
+        if "predictor" in per_token and device.type == "cpu" and compile_mode is None:
+            try:
+                cpp_rows()
+                args.rows = "cpp"
+            except PipelineError as err:
+                print(f"note: {err}; the predictor rows use index_select", file=sys.stderr)
     t0 = time.perf_counter()
     dense = build_model(args.model, device, dtype)
     print(f"model {args.model}: built in {time.perf_counter() - t0:.1f} s on {device} ({dtype})", flush=True)
@@ -313,8 +444,10 @@ def run(args) -> dict:
     for batch in args.batch:
         prompt = torch.randint(0, vocab, (batch, args.prompt_len),
                                generator=torch.Generator().manual_seed(SEED)).to(device)
-        for fused in fused_opts:
-            rows += measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes, bw["bytes_per_s"])
+        for i, fused in enumerate(fused_opts):
+            # per-token rows: batch 1, eager, once per batch (beside the first fused setting's rows)
+            rows += measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes, bw["bytes_per_s"],
+                                  per_token=tuple(per_token) if batch == 1 and i == 0 else ())
         if args.anchors:
             anchors += measure_anchors(dense, prompt, args, bw["bytes_per_s"])
     return {"settings": {"model": args.model, "device": str(device),
@@ -322,7 +455,8 @@ def run(args) -> dict:
                                          else platform.processor() or platform.machine()),
                          "dtype": str(dtype).replace("torch.", ""), "prompt_len": args.prompt_len,
                          "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
-                         "interleave": args.interleave,
+                         "interleave": args.interleave, "per_token": per_token, "rows": args.rows,
+                         "predictor_rank": PREDICTOR_RANK,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__},
             "read_bandwidth": bw, "dense_weight_bytes": dense_bytes, "rows": rows, "anchors": anchors}
@@ -415,7 +549,8 @@ def markdown(result: dict) -> str:
                      f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['build_ms']:.0f} |")
     lines.append("")
     lines.append(f"peak MB: {result['rows'][0]['peak_mem_kind']}; build ms: the sparse model's gather "
-                 "(index_select of the kept slices), paid once per request for a per-prompt mask; floor: the "
+                 "(index_select of the kept slices), paid once per request for a per-prompt mask; per-token rows: "
+                 "weights MB and ideal are the weights a step reads (predictor included); floor: the "
                  "bytes a step must read (weights, embedding rows, KV cache at its mean length) at the "
                  "measured read bandwidth")
     if result.get("anchors"):
@@ -459,6 +594,13 @@ def parse_args(argv=None):
                    help="also time transformers' generate() (static cache) and a GEMV chain over the weights")
     p.add_argument("--profile", nargs="?", const="on", default=PROFILE, choices=("auto", "on", "off"),
                    help="kernels per decode step by kind, from the profiler (auto: on CUDA only)")
+    p.add_argument("--per_token", nargs="+", default=[PER_TOKEN_DEFAULT], choices=PER_TOKEN + ("auto", "none"),
+                   help="per-token gathered rows at batch 1 (utils/gathered.py): auto = predictor and teal on a CPU, "
+                        "none on CUDA")
+    p.add_argument("--rows", default=ROWS, choices=("auto",) + ROW_MODES,
+                   help="how the predictor path gathers output rows: cpp (a C++ gather-GEMV built on first use), "
+                        "index_select + matmul, or compiled (inductor); auto: cpp where it builds, else index_select")
+    p.add_argument("--threads", type=int, default=THREADS, help="CPU threads (0: torch's default)")
     p.add_argument("--json", default=None, help="write the rows and settings here")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or args.warmup < 0:

@@ -102,10 +102,17 @@ def test_bench_decode_rows_carry_the_floor(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     bench.main(["--model", "tiny", "--batch", "1", "--new_tokens", "4", "--prompt_len", "4", "--kept", "1.0", "0.5",
-                "--repeats", "1", "--warmup", "0", "--anchors", "--json", str(out)])
+                "--repeats", "1", "--warmup", "0", "--anchors", "--rows", "index_select", "--json", str(out)])
     result = json.loads(out.read_text())
     bw = result["read_bandwidth"]["bytes_per_s"]
-    assert len(result["rows"]) == 2 and len(result["anchors"]) == 2
+    # on a CPU the per-token gathered rows (predictor, teal) come by default, after the dense and sparse ones
+    assert [r.get("per_token") for r in result["rows"]] == [None, None, "predictor", "teal"]
+    assert len(result["anchors"]) == 2
+    dense_read, predictor, teal = result["rows"][0]["read_bytes"], result["rows"][2], result["rows"][3]
+    assert teal["read_bytes"] < dense_read and predictor["kept"] == teal["kept"] == 0.5
+    # the predictor's bytes are counted (on this tiny model they outweigh the half of its units not read)
+    assert 0 < predictor["predictor_bytes"] and predictor["read_bytes"] - predictor["predictor_bytes"] < dense_read
+    result["rows"] = result["rows"][:2]
     for row in result["rows"] + result["anchors"]:
         assert row["floor_ms"] == pytest.approx(1e3 * row["read_bytes"] / bw)
         assert row["share_of_floor"] == pytest.approx(row["floor_ms"] / row["ms_per_token"])
