@@ -5,9 +5,9 @@ measured at that sparsity.  Printed as a Markdown table (RESULTS.md's per-model 
 "Largest sparsity" walks each curve from p = 0 upward and stops at the first point that misses the bar (a
 later point that passes again is not counted: the curves are noisy, and a deployment needs the whole range
 up to its setting to hold).  The speed-up is interpolated at that point's activation ratio between the
-benchmark's rows (utils/plotting.speedup_at) of the same kind of path: rows tagged with the curve's source
-(the per-token gathered paths), else, for prompt and static, the untagged rows of the sparse model with the
-units removed; none for the oracle (it needs the label).
+benchmark's rows (utils/plotting.speedup_at) of the same kind of path: rows whose ``per_token`` names the
+curve's source (its gathered path, at the share it really read), else, for prompt and static, the rows of
+the sparse model with the units removed; none for the oracle (it needs the label).
 
     python benchmarks/sparsity_table.py result/truthfulqa/res/both/results.json [cpu.json ...]
 """

@@ -156,8 +156,7 @@ def test_sparsity_table_walks_each_curve_up_to_its_first_miss(tmp_path, capsys):
     res.write_text(json.dumps({"curves": curves}))
     bench = tmp_path / "b.json"
     bench.write_text(json.dumps([{"kept": 1.0, "speedup": 1.0}, {"kept": 0.5, "speedup": 1.5},
-                                 {"kept": 1.0, "speedup": 1.0, "source": "teal"},
-                                 {"kept": 0.5, "speedup": 1.2, "source": "teal"}]))
+                                 {"kept": 0.5, "kept_heads": 0.5, "speedup": 1.2, "per_token": "teal"}]))
     script.main([str(res), str(bench)])
     lines = capsys.readouterr().out.splitlines()
     # teal: p = 0.3 passes again after p = 0.2 failed, and is not counted; its own tagged rows give the speed

@@ -141,16 +141,17 @@ def speedup_at(rows: list[dict], kept: float) -> float:
 
 
 def rows_for_source(rows: list[dict], source: str) -> list[dict]:
-    """The benchmark rows that time ``source``'s masks: rows tagged with it (a per-token gathered path,
+    """The benchmark rows that time ``source``'s masks: rows whose ``per_token`` names it (its gathered path,
     with the dense point 1.0 at kept share 1 added), else, for a source of one mask per request, the sparse
     model's untagged rows; none for a source that needs the label or has no path timed."""
-    tagged = [r for r in rows if r.get("source") == source]
+    # a per-token row's share is what its decode really read (teal's differs from the share asked for)
+    tagged = [{**r, "kept": r.get("kept_heads", r["kept"])} for r in rows if r.get("per_token") == source]
     known = SOURCES.get(source)
     if tagged:
         return tagged + ([] if any(float(r["kept"]) == 1.0 for r in tagged) else [{"kept": 1.0, "speedup": 1.0}])
     if known is None or known.uses_label or known.per_token:
         return []
-    return [r for r in rows if not r.get("source")]
+    return [r for r in rows if not r.get("per_token")]
 
 
 def load_speed_rows(bench_json) -> dict:
@@ -173,8 +174,6 @@ def load_speed_rows(bench_json) -> dict:
         paths_of = {}
         try:
             for r in rows:
-                if isinstance(r, dict) and r.get("per_token"):
-                    continue              # the figure's speeds are the static sparse model's, not per-token rows
                 kept, speedup = float(r["kept"]), float(r["speedup"])
                 if not (math.isfinite(speedup) and speedup > 0 and 0 < kept <= 1):
                     raise ValueError
