@@ -101,18 +101,20 @@ def load_predictor(run, request, metric: str) -> dict:
 
 
 def predictor(run, request, metrics, selected, weights):
+    """The metrics with a trained predictor get a curve; a missing one is a note naming the command that
+    trains it (the sweep refuses a request left with no curve at all), a stale or damaged one an error."""
     found, names, missing = [], [], []
     for m in metrics:
-        if not run.paths.predictor(m).is_file() and not request.explicit:
-            missing.append(m)     # ``all``: the metrics with a trained predictor
+        if not run.paths.predictor(m).is_file():
+            missing.append(m)
             continue
         found.append(load_predictor(run, request, m))
         names.append(m)
+    lo, hi = calibration_range(request)
+    train = f"{PREDICTOR_SCRIPT} --num_data {lo} --calib_num_data {hi - lo} --metric_name"
     if missing:
-        lo, hi = calibration_range(request)
         _note(f"--source predictor: no trained predictor for {', '.join(missing)} in "
-              f"{run.paths.predictor('x').parent}, so no curve for them ({PREDICTOR_SCRIPT} --num_data {lo} "
-              f"--calib_num_data {hi - lo} --metric_name ... trains them)")
+              f"{run.paths.predictor('x').parent}, so no curve for them ({train} {' '.join(missing)} trains them)")
     if not names:
         return None, []
     return PredictorMasker(run.model, run.layout, weights, selected, names, found), names
