@@ -47,7 +47,6 @@ from .token_masks import kept_units
 
 ROW_MODES = ("cpp", "index_select", "compiled")
 _compiled_rows = {}
-_ZERO = {}             # per device: the one bag's offsets of column_gather
 
 
 class _RowsCopy:
@@ -135,9 +134,9 @@ def row_gather(mode: str, backend: str = "inductor"):
 def column_gather(wt: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``[1, out]``: ``Σ_j values[j] · wt[idx[j]]`` (``wt`` ``[in, out]``: the input channels ``idx`` of a
     projection, weighted by their inputs), reading only those rows."""
-    offsets = _ZERO.get(idx.device)
-    if offsets is None:
-        offsets = _ZERO[idx.device] = torch.zeros(1, dtype=torch.long, device=idx.device)
+    # made per call: a tensor cached across calls, first made inside a CUDA-graphed step, is overwritten by
+    # the graph's next replay (seen on an H100 with --compile reduce-overhead)
+    offsets = idx.new_zeros(1)
     return F.embedding_bag(idx.view(-1), wt, offsets, per_sample_weights=values.reshape(-1).to(wt.dtype), mode="sum")
 
 
