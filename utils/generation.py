@@ -61,21 +61,32 @@ def token_masked_generate(model, masker, prompt_ids: torch.Tensor, variant, rati
     removed) and, per row, the parameter weight kept and the total weight over the steps that row computed
     before its EOS (float64 ``[B]`` each: the activation ratio's numerator and denominator)."""
     B = len(variant)
-    kept = torch.zeros(B, dtype=torch.float64)
-    steps = torch.zeros(B, dtype=torch.float64)
-    per_step = masker.layout.num_layers * masker.layer_weight()
-
-    @contextlib.contextmanager
-    def step(t, live):
-        yield
-        alive = live.cpu().double()
-        kept.add_(masker.take_kept().cpu() * alive)
-        steps.add_(alive)
-
+    counter = _KeptCounter(masker, B)
     state = state if state is not None else prompt_state(model, prompt_ids)    # dense: before the rows are set
     with masker.rows(variant, ratio):
-        ids = _greedy(model, prompt_ids, B, max_new_tokens, eos_ids, state, step)
-    return ids, kept, steps * per_step
+        ids = _greedy(model, prompt_ids, B, max_new_tokens, eos_ids, state, counter.step)
+    return ids, counter.kept, counter.total
+
+
+class _KeptCounter:
+    """Per row, the weight a per-token masker kept and the full weight, over the steps each row computes
+    before its EOS (``step`` wraps each decode step)."""
+
+    def __init__(self, masker, rows: int):
+        self.masker = masker
+        self.kept = torch.zeros(rows, dtype=torch.float64)
+        self.steps = torch.zeros(rows, dtype=torch.float64)
+
+    @contextlib.contextmanager
+    def step(self, t, live):
+        yield
+        alive = live.cpu().double()
+        self.kept.add_(self.masker.take_kept().cpu() * alive)
+        self.steps.add_(alive)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.steps * self.masker.layout.num_layers * self.masker.layer_weight()
 
 
 def _greedy(model, prompt_ids, B: int, max_new_tokens: int, eos_ids, state, step) -> list[list[int]]:
@@ -171,22 +182,13 @@ def token_masked_generate_many(model, masker, states, rows: list[tuple[list, lis
     counts = [len(v) for v, _ in rows]
     variant = [v for vs, _ in rows for v in vs]
     ratio = [p for _, ps in rows for p in ps]
-    kept = torch.zeros(len(variant), dtype=torch.float64)
-    steps = torch.zeros(len(variant), dtype=torch.float64)
-    per_step = masker.layout.num_layers * masker.layer_weight()
-
-    @contextlib.contextmanager
-    def step(t, live):
-        yield
-        alive = live.cpu().double()
-        kept.add_(masker.take_kept().cpu() * alive)
-        steps.add_(alive)
-
+    counter = _KeptCounter(masker, len(variant))
     with masker.rows(variant, ratio):
-        ids = _greedy_many(model, states, counts, eos_ids, max_new_tokens, step)
+        ids = _greedy_many(model, states, counts, eos_ids, max_new_tokens, counter.step)
+    kept, total = counter.kept, counter.total
     out, start = [], 0
     for s, b in enumerate(counts):
-        out.append((ids[s], kept[start:start + b], steps[start:start + b] * per_step))
+        out.append((ids[s], kept[start:start + b], total[start:start + b]))
         start += b
     return out
 
