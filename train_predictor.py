@@ -4,6 +4,7 @@ labels are the dense model's own greedy outputs: no human answer), hold out the 
 and write result/<dataset>/predictor/<metric>.pt (and .json: recall@k per layer, cost).  METHOD §7b."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.cli import cli_entry
+from utils.errors import PipelineError
 from utils.flags import Parser, at_least, at_least_one, seed_flag, step_parser
 from utils.metric_registry import COR_GXO_VARIANTS, check_metric_names, metric_names
 from utils.predictor import PredictorSettings
@@ -24,16 +25,16 @@ SEED = 0
 
 
 def _share(text) -> float:
-    value = float(text)
+    value = float(text)          # a ValueError becomes argparse's "invalid ... value" line
     if not 0.0 <= value < 1.0:
-        raise ValueError(text)
+        raise PipelineError(f"--heldout must be in [0, 1) (got {text})")
     return value
 
 
 def _positive(text) -> float:
     value = float(text)
     if not 0.0 < value < float("inf"):
-        raise ValueError(text)
+        raise PipelineError(f"--lr must be a positive number (got {text})")
     return value
 
 
