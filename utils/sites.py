@@ -55,7 +55,28 @@ def locate_units(model: nn.Module) -> ModelLayout:
                        decoder_layers=layers)
 
 
-class SiteHooks:
+class HookSet:
+    """Forward pre-hooks registered on a model, removed together (``remove``, or leaving a ``with`` block)."""
+
+    def __init__(self):
+        self._handles = []
+
+    def _hook(self, module, fn, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class SiteHooks(HookSet):
     """Forward pre-hooks on every unit site.  Set the attributes below before a forward pass:
 
     - ``masks[comp]``: tensor ``[B, L, units]`` multiplying each unit at every position (None: no
@@ -79,21 +100,10 @@ class SiteHooks:
         self.positions = None
         self.recorded = {c: [None] * self.layout.num_layers for c in COMPONENTS}
         self.probes = {c: [None] * self.layout.num_layers for c in COMPONENTS}
-        self._handles = []
+        super().__init__()
         for comp, modules in ((ATTN, self.layout.attn_out), (MLP, self.layout.mlp_down)):
             for layer, module in enumerate(modules):
-                self._handles.append(module.register_forward_pre_hook(self._make_hook(comp, layer)))
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
+                self._hook(module, self._make_hook(comp, layer))
 
     def reset(self) -> None:
         self.masks = {ATTN: None, MLP: None}

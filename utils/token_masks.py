@@ -18,7 +18,7 @@ import torch
 
 from .architecture import block_input, decoder_layers, layer_modules
 from .masks import UnitWeights, output_weight_norms
-from .sites import ATTN, MLP, ModelLayout
+from .sites import ATTN, MLP, HookSet, ModelLayout
 
 
 def ratio_index(ratio: torch.Tensor, count: int) -> torch.Tensor:
@@ -36,7 +36,7 @@ def top_share(scores: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     return scores >= threshold
 
 
-class TokenMasker:
+class TokenMasker(HookSet):
     """The shared machinery: hook registration, the rows of the current passes and the kept-weight count.
     Subclasses register their hooks in ``_attach`` (through :meth:`_hook`) and count with :meth:`_count`."""
 
@@ -48,7 +48,7 @@ class TokenMasker:
         self.variants = list(variants)                     # what a row's variant index names (for messages)
         self.variant = self.ratio = None                   # [B] each, while rows are set
         self._kept = None
-        self._handles = []
+        super().__init__()
         self._attach()
 
     # -- what subclasses provide ------------------------------------------------------------------------
@@ -90,20 +90,6 @@ class TokenMasker:
         """Add ``[B, S]`` kept weight (summed over positions)."""
         self._kept += weight.sum(-1).double()
 
-    # -- hooks ---------------------------------------------------------------------------------------------
-    def _hook(self, module, fn, with_kwargs: bool = False) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 class UnitMasker(TokenMasker):
