@@ -139,7 +139,7 @@ def fit(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, settings: Predict
     return model.eval().requires_grad_(False)
 
 
-def predictor_cost(predictors: dict, layout: ModelLayout, model_params: int) -> dict:
+def predictor_cost(predictors: dict, model_params: int) -> dict:
     """Parameters and multiply-adds per token of one metric's predictors, absolute and as a share of the
     model's parameters (a decode step's multiply-adds are about its parameter count)."""
     params = sum(p.parameter_count() for p in predictors.values())

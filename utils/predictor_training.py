@@ -100,7 +100,7 @@ def train_metric(run, metric: str, feats: dict, owner: torch.Tensor, lo: int, hi
             entry["mean_recall"] = {str(r): round(sum(v) / len(v), 4) for r, v in entry["recall"].items()}
         report["components"][comp] = entry
     model_params = sum(t.numel() for t in unique_params(run.model))
-    report.update(cost=predictor_cost(predictors, run.layout, model_params),
+    report.update(cost=predictor_cost(predictors, model_params),
                   tokens={"train": int(train.sum()), "heldout": int(held.sum())},
                   samples={"train": [lo, lo + n_train - 1], "heldout": [lo + n_train, hi - 1] if hi > lo + n_train
                            else None})
