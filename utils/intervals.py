@@ -31,3 +31,35 @@ def bootstrap_interval(values, weights=None, transform=None, *, resamples: int =
     tail = (1 - confidence) / 2
     low, high = np.quantile(stats, [tail, 1 - tail])
     return [float(low), float(high)]
+
+
+def _stat(values, weights, idx):
+    """Each resample's (weighted) mean: rows of ``idx`` index the samples."""
+    if weights is None:
+        return values[idx].mean(axis=1)
+    return (values[idx] * weights[idx]).sum(axis=1) / weights[idx].sum(axis=1)
+
+
+def paired_difference(a, b, weights_a=None, weights_b=None, transform=None, *, resamples: int = RESAMPLES,
+                      seed: int = SEED, confidence: float = CONFIDENCE):
+    """``(difference, [low, high])``: the statistic of ``a`` minus that of ``b`` (a plain or weighted mean,
+    mapped through ``transform``, as :func:`bootstrap_interval`), where ``a[i]`` and ``b[i]`` are the same
+    sample under two curves, and its ``confidence`` percentile interval from a paired bootstrap: each resample
+    draws samples with replacement and takes both curves' values of the drawn samples, so what the samples
+    share (an easy question is easy for both curves) cancels.  The interval is None for fewer than two
+    samples."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired values need the same samples: {a.shape} against {b.shape}")
+    wa = None if weights_a is None else np.asarray(weights_a, dtype=np.float64)
+    wb = None if weights_b is None else np.asarray(weights_b, dtype=np.float64)
+    t = transform if transform is not None else (lambda x: x)
+    whole = np.arange(a.size)[None, :]
+    diff = float(t(_stat(a, wa, whole))[0] - t(_stat(b, wb, whole))[0]) if a.size else float("nan")
+    if a.size < 2:
+        return diff, None
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(resamples, a.size))
+    stats = t(_stat(a, wa, idx)) - t(_stat(b, wb, idx))
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(stats, [tail, 1 - tail])
+    return diff, [float(low), float(high)]

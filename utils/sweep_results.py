@@ -69,6 +69,22 @@ def sweep_done(paths, run_id: str, request) -> bool:
         return False
 
 
+def measure_samples(rows: list[dict], measure: str) -> tuple[list, list | None, object]:
+    """``(values, weights, transform)`` of ``rows`` (one per sample) whose (weighted) mean, mapped through
+    ``transform``, is the curve's ``measure`` (see :func:`aggregate`): BLEU and token agreement plain means;
+    KL weighted by masked steps; perplexity exp of the step-weighted mean log-perplexity.  Rows without a
+    KL (no masked step) carry no KL or perplexity.  The one definition the intervals and compare.py use."""
+    if measure in ("bleu", "token_agreement"):
+        return [r[measure] for r in rows], None, None
+    scored = [r for r in rows if r["kl"] is not None]
+    steps = [r["masked_steps"] for r in scored]
+    if measure == "kl":
+        return [r["kl"] for r in scored], steps, None
+    if measure == "ppl":
+        return [math.log(r["ppl"]) for r in scored], steps, np.exp
+    raise PipelineError(f"unknown measure {measure!r}: one of {', '.join(MEASURES)}")
+
+
 def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
     """Per (metric, source) and ratio: mean BLEU and token agreement over samples; activation ratio = kept
     parameter weight / total over all samples' masked steps (a token-weighted share); KL and perplexity
@@ -82,7 +98,6 @@ def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
             total = sum(r["total_weight"] for r in sel)
             scored = [r for r in sel if r["kl"] is not None]
             steps = sum(r["masked_steps"] for r in scored)
-            steps_of = [r["masked_steps"] for r in scored]     # >= 1: KL exists only with a masked step
             points.append({
                 "deactivation_ratio": float(p),
                 "activation_ratio": sum(r["kept_weight"] for r in sel) / total if total else 1.0,
@@ -93,11 +108,7 @@ def aggregate(rows: list[dict], variants, ratios, counts) -> dict:
                 if steps else None,
                 "samples": len(sel),
                 # 95 % bootstrap intervals over the samples (utils/intervals.py), the same statistic as above
-                "bleu_ci": bootstrap_interval([r["bleu"] for r in sel]),
-                "token_agreement_ci": bootstrap_interval([r["token_agreement"] for r in sel]),
-                "kl_ci": bootstrap_interval([r["kl"] for r in scored], steps_of) if steps else None,
-                "ppl_ci": bootstrap_interval([math.log(r["ppl"]) for r in scored], steps_of, np.exp)
-                if steps else None})
+                **{f"{measure}_ci": bootstrap_interval(*measure_samples(sel, measure)) for measure in MEASURES}})
         curves[curve_key(m, src)] = {"metric": m, "source": src, "samples": counts[m], "points": points}
     return {"curves": curves}
 
