@@ -7,9 +7,12 @@ not separable.  The statistics are the sweep's own (METHOD §6): BLEU and token 
 KL and perplexity token-weighted over the masked steps.
 
     python compare.py result/truthfulqa --a cor_gxo --b ig                     # every shared ratio
+    python compare.py docs/smollm2-135m_truthfulqa-100_per_token_per_sample.json.gz --a cor_gxo --b wina
     python compare.py result/truthfulqa --a magnitude@online --b magnitude@static --ratios 0.1 --measure bleu kl
 """
 import argparse
+import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,8 @@ RATIOS = None                 # deactivation ratios to compare (None: every rati
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", type=Path, help="a result folder, its sweep folder, or a per_sample.json")
+    p.add_argument("results", type=Path,
+                   help="a result folder, its sweep folder, or a per_sample.json (or .json.gz, as in docs/)")
     p.add_argument("--a", required=True, help="the first curve: a metric (its oracle curve) or metric@source")
     p.add_argument("--b", required=True, help="the curve it is compared with")
     p.add_argument("--ratios", type=float, nargs="+", default=RATIOS,
@@ -118,8 +122,8 @@ def main(argv=None):
         raise PipelineError("--a and --b name the same curve; compare two different curves")
     path = per_sample_file(args.results)
     try:
-        rows = read_json(path)
-    except (OSError, ValueError):
+        rows = json.loads(gzip.decompress(path.read_bytes())) if path.suffix == ".gz" else read_json(path)
+    except (OSError, ValueError, EOFError):
         raise PipelineError(f"{path} cannot be read as JSON; rerun main.py for that folder") from None
     if not isinstance(rows, list):
         raise PipelineError(f"{path} does not hold a sweep's per-sample rows; point at main.py's per_sample.json")

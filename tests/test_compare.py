@@ -121,3 +121,11 @@ def test_a_folder_without_a_sweep_or_a_foreign_file_is_refused(tmp_path, capsys)
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path), "--a", "gxo", "--b", "ig"])
     assert "per-sample rows" in capsys.readouterr().err
+
+
+def test_a_gzipped_per_sample_file_as_kept_in_docs(tmp_path):
+    import gzip
+    path = tmp_path / "run_per_sample.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(_rows("gxo", [5, 6]) + _rows("ig", [1, 2])).encode()))
+    (r,) = compare.main([str(path), "--a", "gxo", "--b", "ig", "--measure", "bleu"])
+    assert r["difference"] == pytest.approx(4.0) and r["samples"] == 2
