@@ -22,6 +22,7 @@ PIPELINE_SCRIPT = "run_pipeline.py"
 SWEEP_DIR = "res/both"
 PREDICTOR_DIR = "predictor"     # <metric>.pt: one metric's trained predictors; <metric>.json: their report
 RESULT_FILES = ("results.json", "results.csv", "per_sample.json")   # every sweep writes these three
+EVAL_DIR = "eval"               # evaluate.py: results.json, .csv, the figure; tasks/, ppl/: one file per task, corpus
 
 
 @dataclass(frozen=True)
