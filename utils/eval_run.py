@@ -1,4 +1,4 @@
-"""evaluate.py's run (METHOD §11): settle the variants (static's calibration), score
+"""evaluate.py's run (METHOD §11): settle the variants (the sources' calibration, masks and maskers), score
 every task and corpus (each saved under ``eval/`` with its key and adopted by a rerun with the same key), and
 write the results, the CSV table and the figure.  The scoring itself is utils/evaluation.py's."""
 from __future__ import annotations
@@ -8,17 +8,19 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from .artifacts import EVAL_DIR
 from .errors import PipelineError
 from .eval_tasks import corpus_short_name, load_corpus, load_task
-from .evaluation import MaskBook, Variant, add_bos, evaluate_task, harness_lm, text_nll
+from .evaluation import PPL_SOURCES, MaskBook, Variant, add_bos, evaluate_task, harness_lm
+from .fingerprint import sha256_file
 from .intervals import bootstrap_interval
 from .io import read_json, write_json, write_text
-from .masks import layer_selection
+from .masks import layer_selection, unit_weights
 from .metric_registry import get_metric
 from .sites import SiteHooks
 from .sources import DEFAULT_CALIB_NUM_DATA, get_source
@@ -26,24 +28,109 @@ from .sources import DEFAULT_CALIB_NUM_DATA, get_source
 EVAL_FORMAT = 1          # bump when what a saved task or corpus file means changes
 
 
-def calibration(run, args):
-    """``(calibrated, selected, settings)`` of the static source: the sweep's own plan (utils.sweep: scores
-    loaded and checked, the mean keep-score over samples N .. N+M-1)."""
-    from .sweep import plan_sweep, sweep_request
-    from .sweep_results import fingerprint
+@dataclass
+class EvalPlan:
+    """What an evaluation computes, settled before any task runs (:func:`plan_evaluation`)."""
+    variants: list              # [Variant]: dense first, then source x metric x ratio
+    calibrated: dict            # {metric: {comp: [L, units]}}: static's mean keep-scores
+    selected: torch.Tensor      # [L]: the masked layers
+    maskers: dict = field(default_factory=dict)   # {per-token source: its masker}, hooks attached
+    settings: dict = field(default_factory=dict)  # calibration samples, score and predictor files read
 
+    @property
+    def ppl_variants(self) -> list:
+        return [v for v in self.variants if v.source is None or v.source in PPL_SOURCES]
+
+    def close(self) -> None:
+        for masker in self.maskers.values():
+            masker.remove()
+
+
+def calibration_range(run, args) -> tuple[int, int] | None:
+    """``(N, M)``: the calibration samples N .. N+M-1 of the requested sources that read them
+    (``M = --calib_num_data``, ``N = --num_data``, by default the last M labelled samples); None when none does."""
+    users = [s for s in args.source if get_source(s).needs_calibration]
+    if not users:
+        return None
     M = args.calib_num_data or DEFAULT_CALIB_NUM_DATA
     N = args.num_data if args.num_data is not None else len(run.labels) - M
     if N < 1:
-        raise PipelineError(f"--source static calibrates on the last {M} of {len(run.labels)} labelled samples "
-                            f"and needs at least one before them; lower --calib_num_data or label more samples")
-    request = sweep_request(args.metric_name, ratios=args.ratios, mask_layers=args.layers,
-                            variant=args.cor_gxo_variant, sources=["static"], num_data=N, calib_num_data=M)
-    plan = plan_sweep(replace(run, num_data=N), request)
+        raise PipelineError(f"--source {' and '.join(users)} calibrates on the last {M} of {len(run.labels)} "
+                            "labelled samples and needs at least one before them; lower --calib_num_data or label "
+                            "more samples")
+    return N, M
+
+
+def _request(args, sources, N, M):
+    from .sweep import sweep_request
+    return sweep_request(args.metric_name, ratios=args.ratios, mask_layers=args.layers, variant=args.cor_gxo_variant,
+                         sources=sources, num_data=N, calib_num_data=M)
+
+
+def static_calibration(run, args, N: int, M: int) -> tuple[dict, torch.Tensor, dict]:
+    """``(calibrated, selected, settings)`` of the static source: the sweep's own plan (utils.sweep: scores
+    loaded and checked, the mean keep-score over samples N .. N+M-1)."""
+    from .sweep import plan_sweep
+    from .sweep_results import fingerprint
+
+    plan = plan_sweep(replace(run, num_data=N), _request(args, ["static"], N, M))
     kinds = sorted({(k, c) for m in args.metric_name for c in ("attention", "mlp") for k in get_metric(m).kinds})
     files = {str(run.paths.score(k, c).relative_to(run.paths.root)): fingerprint(run.paths.score(k, c))
              for k, c in kinds}
-    return plan.calibrated, plan.selected, {"calibration_samples": [N, N + M - 1], "score_files": files}
+    return plan.calibrated, plan.selected, {"score_files": files}
+
+
+def token_maskers(run, args, sources: list, selected, N, M) -> tuple[dict, dict, dict]:
+    """``(maskers, covered, settings)`` of the per-token sources: the sweep's builders
+    (utils/token_sources.py; teal calibrates its thresholds on samples N .. N+M-1, online and teal note the
+    metrics they cannot use), except that a metric without a trained predictor is refused, not skipped."""
+    from .predictor import PredictorMasker
+    from .sweep import check_calibration_samples
+    from .token_sources import load_predictor
+
+    request = _request(args, args.source, N, M)
+    if M is not None:
+        check_calibration_samples(replace(run, num_data=N), request)
+    weights = unit_weights(run.layout)
+    maskers, covered, settings = {}, {}, {}
+    try:
+        for src in sources:
+            if src == "predictor":
+                found = [load_predictor(run, request, m) for m in args.metric_name]   # missing or stale: refused
+                masker, covered[src] = (PredictorMasker(run.model, run.layout, weights, selected, args.metric_name,
+                                                        found), list(args.metric_name))
+                settings["predictors"] = {str(run.paths.predictor(m).relative_to(run.paths.root)):
+                                          sha256_file(run.paths.predictor(m)) for m in args.metric_name}
+            else:
+                masker, covered[src] = get_source(src).masker(run, request, args.metric_name, selected, weights)
+            if masker is not None:
+                maskers[src] = masker
+    except BaseException:
+        for masker in maskers.values():
+            masker.remove()
+        raise
+    return maskers, covered, settings
+
+
+def plan_evaluation(run, args) -> EvalPlan:
+    """The variants of ``args`` (evaluate.py's parsed flags) for ``run``, with what they need: static's
+    calibrated mean keep-scores, the per-token sources' maskers, and the settings that key the saved files."""
+    calibration = calibration_range(run, args)
+    N, M = calibration or (None, None)
+    settings = {} if calibration is None else {"calibration_samples": [N, N + M - 1]}
+    calibrated, selected = {}, layer_selection(args.layers, run.layout.num_layers)
+    if "static" in args.source:
+        calibrated, selected, found = static_calibration(run, args, N, M)
+        settings.update(found)
+    per_token = [s for s in args.source if get_source(s).per_token]
+    maskers, covered, found = token_maskers(run, args, per_token, selected, N, M) if per_token else ({}, {}, {})
+    settings.update(found)
+    variants = [Variant()] + [Variant(m, s, p) for s in args.source for m in covered.get(s, args.metric_name)
+                              for p in args.ratios]
+    if args.source and len(variants) == 1:
+        raise PipelineError(f"--source {' '.join(args.source)} has no variant to evaluate for --metric_name "
+                            f"{' '.join(args.metric_name)} (see the notes above)")
+    return EvalPlan(variants, calibrated, selected, maskers, settings)
 
 
 def _digest(obj) -> str:
@@ -73,7 +160,7 @@ def run_task(lm, book, name, args, variants, base_key, folder):
         return saved
     print(f"{task.name}: {len(task.rows)} rows, {len(variants)} variants")
     lm.table.clear()
-    book.shares = [[] for _ in variants]
+    book.reset()
     start = time.perf_counter()
     rows = evaluate_task(lm, task, variants)
     seconds = time.perf_counter() - start
@@ -85,7 +172,7 @@ def run_task(lm, book, name, args, variants, base_key, folder):
     return out
 
 
-def run_corpus(model, hooks, tokenizer, book, name, args, variants, base_key, folder):
+def run_corpus(tokenizer, book, name, args, variants, base_key, folder):
     """One corpus's perplexity for every variant (saved as ``folder/ppl/<corpus>.json``), or the saved one."""
     texts, where = load_corpus(name, args.limit)
     bos = [tokenizer.bos_token_id] if add_bos(tokenizer) else []
@@ -97,10 +184,11 @@ def run_corpus(model, hooks, tokenizer, book, name, args, variants, base_key, fo
     if saved is not None:
         print(f"perplexity {short}: done already ({path})")
         return saved
-    masks = book.masks([0])           # static masks do not depend on the text
+    book.reset()
+    masks = book.masks([0])           # the masks of perplexity's sources do not depend on the text
     start = time.perf_counter()
     from tqdm.auto import tqdm
-    nll = [text_nll(model, hooks, x, masks).tolist() for x in tqdm(ids, desc=f"perplexity {short}", unit="text")]
+    nll = [book.text_nll(x, masks).tolist() for x in tqdm(ids, desc=f"perplexity {short}", unit="text")]
     counts = [max(len(x) - 1, 0) for x in ids]
     seconds = time.perf_counter() - start
     rows = []
@@ -213,37 +301,35 @@ def run_evaluation(run, args) -> dict:
     ``eval/results.json``, ``results.csv`` and ``accuracy.png``/``.pdf``; returns the results."""
     import lm_eval                       # noqa: F401  (utils.evaluation says how to install it)
 
-    calibrated, selected, cal_settings = {}, layer_selection(args.layers, run.layout.num_layers), {}
-    if "static" in args.source:
-        calibrated, selected, cal_settings = calibration(run, args)
-    variants = [Variant()] + [Variant(m, s, p) for s in args.source for m in args.metric_name for p in args.ratios]
-    ppl_variants = [v for v in variants if v.source in (None, "static")]
+    plan = plan_evaluation(run, args)
+    variants, ppl_variants = plan.variants, plan.ppl_variants
     folder = run.paths.root / EVAL_DIR
     lm_version = lm_eval.__version__ if hasattr(lm_eval, "__version__") else None
     base_key = {"format": EVAL_FORMAT, "run_id": run.labels.run_id, "variants": [v.as_dict() for v in variants],
                 "mask_layers": args.layers, "cor_gxo_variant": args.cor_gxo_variant, "limit": args.limit,
-                "lm_eval": lm_version, **cal_settings}
+                "lm_eval": lm_version, **plan.settings}
     hooks = SiteHooks(run.model, run.layout)
     tasks, corpora = [], []
     start = time.perf_counter()
     try:
-        book = MaskBook(run.model, hooks, run.layout, variants, calibrated=calibrated, selected=selected,
-                        cor_gxo_variant=args.cor_gxo_variant)
+        book = MaskBook(run.model, hooks, run.layout, variants, calibrated=plan.calibrated, selected=plan.selected,
+                        cor_gxo_variant=args.cor_gxo_variant, maskers=plan.maskers)
         lm = harness_lm(run.model, hooks, run.tokenizer, book)
         for name in args.tasks:
             tasks.append(run_task(lm, book, name, args, variants, base_key, folder))
-        ppl_book = MaskBook(run.model, hooks, run.layout, ppl_variants, calibrated=calibrated, selected=selected)
+        ppl_book = MaskBook(run.model, hooks, run.layout, ppl_variants, calibrated=plan.calibrated,
+                            selected=plan.selected, maskers=plan.maskers)
         ppl_key = {**base_key, "variants": [v.as_dict() for v in ppl_variants]}
         for name in args.ppl:
-            corpora.append(run_corpus(run.model, hooks, run.tokenizer, ppl_book, name, args, ppl_variants, ppl_key,
-                                      folder))
+            corpora.append(run_corpus(run.tokenizer, ppl_book, name, args, ppl_variants, ppl_key, folder))
     finally:
         hooks.remove()
+        plan.close()
     settings = {"labels_run_id": run.labels.run_id, "labels_settings": run.labels.settings,
                 "command": sys.argv, "tasks": args.tasks, "ppl": args.ppl, "sources": args.source,
                 "metrics": args.metric_name, "ratios": args.ratios, "limit": args.limit,
                 "ppl_max_tokens": args.ppl_max_tokens, "mask_layers": args.layers,
-                "cor_gxo_variant": args.cor_gxo_variant, "lm_eval_version": lm_version, **cal_settings,
+                "cor_gxo_variant": args.cor_gxo_variant, "lm_eval_version": lm_version, **plan.settings,
                 "seconds_this_command": time.perf_counter() - start}
     results = {"settings": settings, "accuracy": [{k: v for k, v in t.items() if k != "key"} for t in tasks],
                "perplexity": [{k: v for k, v in c.items() if k != "key"} for c in corpora]}

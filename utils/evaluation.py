@@ -1,15 +1,17 @@
 """The evaluation step (METHOD §11): multiple-choice accuracy through lm-evaluation-harness and perplexity of
-held-out text, for the dense model and under label-free masks (``static``, ``prompt``) at each metric and
-deactivation ratio.
+held-out text, for the dense model and under label-free masks at each metric and deactivation ratio: one mask
+per request or calibrated (``static``, ``prompt``), or chosen per token inside the masked forward by a masker
+of utils/token_masks.py (``online``, ``predictor``, ``teal``).
 
 Where a mask acts.  A multiple-choice request is a context and a continuation per choice.  The context's
 positions except its last run dense (one KV cache per request, shared by every choice and mask); the mask
 acts at every position whose output is scored: the context's last position (it predicts the first
 continuation token) and the continuation's tokens except the last.  Perplexity scores every position, so
-the mask acts at all of them.
+the mask acts at all of them.  A per-token masker decides each of those positions' masks from what the
+masked model has computed at that position (as in the sweep's teacher-forced pass).
 
 lm-eval drives :class:`HarnessLM` once per variant (dense, then each metric x source x ratio): the first
-call scores every variant of every request in one pass over the data (:func:`choice_loglikelihoods`),
+call scores every variant of every request in one pass over the data (:meth:`MaskBook.loglikelihoods`),
 the later calls read the table, so lm-eval's own aggregation and standard errors apply to each variant."""
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from .quality import logits_budget
 from .sites import COMPONENTS
 from .sources import prompt_scores, source_keep_masks
 
-EVAL_SOURCES = ("static", "prompt")   # the label-free sources; oracle needs the model's own answer
+EVAL_SOURCES = ("static", "prompt", "online", "predictor", "teal")   # label-free; oracle needs the model's answer
+PPL_SOURCES = ("static", "online", "predictor", "teal")   # a held-out text has no request for ``prompt``
 
 
 @dataclass(frozen=True)
@@ -54,24 +57,55 @@ def kept_share(keep: dict, weights) -> float:
     return kept / (heads.shape[0] * weights.layer_total)
 
 
+@dataclass(frozen=True)
+class TokenRow:
+    """A per-token variant's batch row: its masker (utils/token_masks.py), which of the masker's variants
+    (the metric, or the predictor trained on it) and the deactivation ratio.  The masker chooses the masks of
+    every position of the row's passes."""
+    masker: object
+    variant: int
+    ratio: float
+
+    def position_weight(self) -> float:
+        """The full weight of one position, every layer counted (the kept share's denominator)."""
+        return self.masker.layout.num_layers * self.masker.layer_weight()
+
+
 class MaskBook:
-    """Each variant's keep-mask ``{comp: bool [L, units]}`` (None: dense) for a request's context: the
-    calibrated one for ``static``; for ``prompt``, the ranking of the context's own prompt step
-    (utils.sources.prompt_scores), computed once per context and metric.  Records each variant's kept share."""
+    """Each variant's mask for a request's context: None (dense); ``{comp: bool [L, units]}``, the calibrated
+    one for ``static`` or, for ``prompt``, the ranking of the context's own prompt step
+    (utils.sources.prompt_scores), computed once per context and metric; or a :class:`TokenRow` for a per-token
+    source (``maskers``: ``{source: masker}``).  Scores requests and texts under them
+    (:meth:`loglikelihoods`, :meth:`text_nll`) and records each variant's kept weight: a one-mask variant's
+    kept share once per request, a per-token variant's weight kept at every position where its masks act
+    (:meth:`activation_ratio`)."""
 
     def __init__(self, model, hooks, layout, variants: list, *, calibrated: dict | None = None, selected=None,
-                 cor_gxo_variant: str = "paper"):
+                 cor_gxo_variant: str = "paper", maskers: dict | None = None):
         self.model, self.hooks, self.layout, self.variants = model, hooks, layout, variants
         self.calibrated, self.cor_gxo_variant = calibrated or {}, cor_gxo_variant
         self.selected = selected if selected is not None else torch.ones(layout.num_layers, dtype=torch.bool)
         self.weights = unit_weights(layout)
-        self.shares = [[] for _ in variants]       # per variant, the kept share of each request's mask
+        self.reset()
         self._static = {}
         self._attributor = None
-        for v in variants:
+        self._rows = {}
+        maskers = maskers or {}
+        for i, v in enumerate(variants):
             if v.source == "prompt" and "ig" in {k for k in get_metric(v.metric).kinds}:
                 raise PipelineError(f"--source prompt with the {v.metric} metric would run integrated gradients "
                                     "for every request; use it with --source static")
+            if v.source in maskers:
+                masker = maskers[v.source]
+                if v.metric not in masker.variants:
+                    raise PipelineError(f"--source {v.source} has no {v.metric} variant (it has "
+                                        f"{', '.join(masker.variants)}); drop {v.metric} or that source")
+                self._rows[i] = TokenRow(masker, masker.variants.index(v.metric), float(v.ratio))
+
+    def reset(self) -> None:
+        """Forget the kept weight recorded so far (a new task or corpus)."""
+        self._kept = [0.0] * len(self.variants)
+        self._total = [0.0] * len(self.variants)
 
     def _masks(self, source: str, rank: dict, ratio: float, calibrated=None) -> dict:
         out = {}
@@ -82,9 +116,13 @@ class MaskBook:
         return out
 
     def masks(self, context: list[int]) -> list:
+        """Each variant's mask for ``context``; records the one-mask variants' kept shares."""
         prompt_ranks = {}
         out = []
         for i, v in enumerate(self.variants):
+            if i in self._rows:
+                out.append(self._rows[i])      # its kept weight is counted where it is scored
+                continue
             if v.metric is None:
                 keep = None
             elif v.source == "static":
@@ -103,9 +141,30 @@ class MaskBook:
             else:
                 raise PipelineError(f"--source {v.source} does not apply to the evaluation; choose from "
                                     f"{', '.join(EVAL_SOURCES)}")
-            self.shares[i].append(1.0 if keep is None else kept_share(keep, self.weights))
+            self._kept[i] += 1.0 if keep is None else kept_share(keep, self.weights)
+            self._total[i] += 1.0
             out.append(keep)
         return out
+
+    def _count_rows(self, masks: list, kept: torch.Tensor, positions: int) -> None:
+        for i, m in enumerate(masks):
+            if isinstance(m, TokenRow):
+                self._kept[i] += float(kept[i].sum())
+                self._total[i] += positions * m.position_weight()
+
+    def loglikelihoods(self, context: list[int], continuations: list[list[int]]):
+        """:func:`choice_loglikelihoods` of one request under every variant's mask, kept weight recorded."""
+        masks = self.masks(context)
+        ll, greedy, kept = choice_loglikelihoods(self.model, self.hooks, context, continuations, masks)
+        self._count_rows(masks, kept, sum(len(c) for c in continuations))
+        return ll, greedy
+
+    def text_nll(self, ids: list[int], masks: list) -> torch.Tensor:
+        """:func:`text_nll` of one text under ``masks`` (this book's :meth:`masks`, which for the sources of
+        perplexity do not depend on the text), kept weight recorded."""
+        nll, kept = text_nll(self.model, self.hooks, ids, masks)
+        self._count_rows(masks, kept, max(len(ids) - 1, 0))
+        return nll
 
     def attributor(self):
         if self._attributor is None:
@@ -114,9 +173,10 @@ class MaskBook:
         return self._attributor
 
     def activation_ratio(self, i: int) -> float:
-        """The mean kept share over the requests scored so far (a static mask's own share)."""
-        shares = self.shares[i]
-        return float(sum(shares) / len(shares)) if shares else 1.0
+        """Variant i's kept share of the maskable weight: a one-mask variant's mean over the requests scored
+        so far (a static mask's own share); a per-token variant's weight kept over the full weight of every
+        position where its masks acted, token-weighted (METHOD §11)."""
+        return float(self._kept[i] / self._total[i]) if self._total[i] else 1.0
 
 
 def _stack_masks(masks: list, layout) -> dict | None:
@@ -135,13 +195,23 @@ def _rows_per_pass(device, length: int, vocab: int) -> int:
     return max(1, logits_budget(device) // max(1, length * vocab))
 
 
+def _token_groups(masks: list) -> list:
+    """``[(masker, [variant index, ...])]``: the :class:`TokenRow` variants of ``masks``, per masker."""
+    groups = {}
+    for v, m in enumerate(masks):
+        if isinstance(m, TokenRow):
+            groups.setdefault(id(m.masker), (m.masker, []))[1].append(v)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def choice_loglikelihoods(model, hooks, context: list[int], continuations: list[list[int]], masks: list):
-    """Log-likelihood of each continuation after ``context`` under each mask: ``(ll, greedy)``, float64
-    ``[V, K]`` and bool ``[V, K]`` (greedy: every continuation token is the argmax), for ``masks`` a list
-    of V ``{comp: bool [L, units]}`` or None (dense).  The context's positions but the last run dense once;
-    each (mask, choice) row runs the context's last token and the continuation's tokens but the last
-    against that cache, masked."""
+    """Log-likelihood of each continuation after ``context`` under each mask: ``(ll, greedy, kept)``, float64
+    ``[V, K]``, bool ``[V, K]`` (greedy: every continuation token is the argmax) and float64 ``[V, K]``, for
+    ``masks`` a list of V entries: None (dense), ``{comp: bool [L, units]}``, or a :class:`TokenRow` (its
+    masker chooses each position's masks; ``kept``: the weight it kept over the row's positions, 0 for the
+    other entries).  The context's positions but the last run dense once; each (mask, choice) row runs the
+    context's last token and the continuation's tokens but the last against that cache, masked."""
     if not context or any(not c for c in continuations):
         raise PipelineError("a request with an empty context or continuation cannot be scored")
     device = next(model.parameters()).device
@@ -153,16 +223,15 @@ def choice_loglikelihoods(model, hooks, context: list[int], continuations: list[
     inputs = torch.zeros(K, width, dtype=torch.long)
     for k, cont in enumerate(continuations):
         inputs[k, :len(cont)] = torch.tensor([context[-1]] + cont[:-1])   # right-padded: causal, never read
-    rows = [(v, k) for v in range(V) for k in range(K)]
     ll = torch.zeros(V, K, dtype=torch.float64)
     greedy = torch.zeros(V, K, dtype=torch.bool)
+    kept = torch.zeros(V, K, dtype=torch.float64)
     vocab = model.get_output_embeddings().weight.shape[0]
-    step = _rows_per_pass(device, width, vocab)
-    for s in range(0, len(rows), step):
-        part = rows[s:s + step]
-        ids = inputs[[k for _, k in part]].to(device)
+
+    def run(part, length, setting):
+        ids = inputs[[k for _, k in part], :length].to(device)
         kwargs = forward_kwargs(cache_name, ids, None if cache is None else repeated_cache(cache, len(part)))
-        with hooks.settings(masks=_stack_masks([masks[v] for v, _ in part], hooks.layout)):
+        with setting:
             logits = model(**kwargs).logits.float()
         logp = torch.log_softmax(logits, dim=-1)
         for r, (v, k) in enumerate(part):
@@ -170,28 +239,57 @@ def choice_loglikelihoods(model, hooks, context: list[int], continuations: list[
             lp = logp[r, :len(target)]
             ll[v, k] = lp.gather(-1, target[:, None]).sum().double().item()
             greedy[v, k] = bool((lp.argmax(-1) == target).all())
-    return ll, greedy
+
+    rows = [(v, k) for v in range(V) if not isinstance(masks[v], TokenRow) for k in range(K)]
+    step = _rows_per_pass(device, width, vocab)
+    for s in range(0, len(rows), step):
+        part = rows[s:s + step]
+        run(part, width, hooks.settings(masks=_stack_masks([masks[v] for v, _ in part], hooks.layout)))
+    # per-token rows: no padding (the masker counts every position of a pass), so one length per pass
+    for masker, variants in _token_groups(masks):
+        for length in sorted({len(c) for c in continuations}):
+            rows = [(v, k) for k in range(K) if len(continuations[k]) == length for v in variants]
+            step = _rows_per_pass(device, length, vocab)
+            for s in range(0, len(rows), step):
+                part = rows[s:s + step]
+                rows_of = masker.rows([masks[v].variant for v, _ in part], [masks[v].ratio for v, _ in part])
+                run(part, length, rows_of)
+                kept[[v for v, _ in part], [k for _, k in part]] = masker.take_kept().double().cpu()
+    return ll, greedy, kept
 
 
 @torch.no_grad()
-def text_nll(model, hooks, ids: list[int], masks: list) -> torch.Tensor:
+def text_nll(model, hooks, ids: list[int], masks: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood (nats) of tokens 1 .. n-1 of ``ids``, each given the ones before it, per
-    mask (``[V]`` float64); the mask acts at every position."""
+    mask (``[V]`` float64; ``masks`` as for :func:`choice_loglikelihoods`), and the weight each
+    :class:`TokenRow` kept (``[V]`` float64, 0 for the others); the mask acts at every position."""
+    V = len(masks)
+    kept = torch.zeros(V, dtype=torch.float64)
     if len(ids) < 2:
-        return torch.zeros(len(masks), dtype=torch.float64)
+        return torch.zeros(V, dtype=torch.float64), kept
     device = next(model.parameters()).device
     seq = torch.tensor([ids], device=device)
     target = seq[0, 1:]
     vocab = model.get_output_embeddings().weight.shape[0]
     step = _rows_per_pass(device, len(ids) - 1, vocab)
-    out = []
-    for s in range(0, len(masks), step):
-        part = masks[s:s + step]
-        with hooks.settings(masks=_stack_masks(part, hooks.layout)):
+    nll = torch.zeros(V, dtype=torch.float64)
+
+    def run(part, setting):
+        with setting:
             logits = model(input_ids=seq[:, :-1].expand(len(part), -1), use_cache=False).logits.float()
-        nll = torch.logsumexp(logits, -1) - logits.gather(-1, target.view(1, -1, 1).expand(len(part), -1, 1))[..., 0]
-        out.append(nll.sum(-1).double().cpu())
-    return torch.cat(out)
+        out = torch.logsumexp(logits, -1) - logits.gather(-1, target.view(1, -1, 1).expand(len(part), -1, 1))[..., 0]
+        nll[part] = out.sum(-1).double().cpu()
+
+    stored = [v for v in range(V) if not isinstance(masks[v], TokenRow)]
+    for s in range(0, len(stored), step):
+        part = stored[s:s + step]
+        run(part, hooks.settings(masks=_stack_masks([masks[v] for v in part], hooks.layout)))
+    for masker, variants in _token_groups(masks):
+        for s in range(0, len(variants), step):
+            part = variants[s:s + step]
+            run(part, masker.rows([masks[v].variant for v in part], [masks[v].ratio for v in part]))
+            kept[part] = masker.take_kept().double().cpu()
+    return nll, kept
 
 
 # -- lm-evaluation-harness ------------------------------------------------------------------------------------
@@ -264,8 +362,7 @@ def harness_lm(model, hooks, tokenizer, book: MaskBook, progress: bool = True):
                     missing.setdefault(tuple(ctx), []).append(tuple(cont))
             for ctx, conts in tqdm(missing.items(), desc="requests", unit="context", disable=not progress):
                 conts = list(dict.fromkeys(conts))
-                ll, greedy = choice_loglikelihoods(model, hooks, list(ctx), [list(c) for c in conts],
-                                                   book.masks(list(ctx)))
+                ll, greedy = book.loglikelihoods(list(ctx), [list(c) for c in conts])
                 for k, cont in enumerate(conts):
                     self.table[(ctx, cont)] = (ll[:, k].tolist(), greedy[:, k].tolist())
             return [(self.table[(tuple(c), tuple(d))][0][self.variant],

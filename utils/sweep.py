@@ -117,20 +117,30 @@ def metric_sample_count(per_metric: dict) -> int:
     return min(len(lst) for comp in per_metric.values() for lst in comp.values())
 
 
-def calibrate(run, request: SweepRequest, scores: dict, inputs: RankInputs) -> dict:
-    """``{metric: {comp: [L, units]}}``: each metric's mean keep-score over the calibration samples
-    N .. N+M-1 (N = the samples evaluated, M = ``calib_num_data``), when a requested source that masks from
-    stored scores needs it; empty otherwise.  Every source that reads calibration samples needs them labelled.
-    For ``all``, a metric whose score files hold too few samples is left out of those sources with a note."""
+def check_calibration_samples(run, request: SweepRequest) -> list[str]:
+    """The requested sources that read the calibration samples N .. N+M-1 (N = ``run.num_data``, M =
+    ``calib_num_data``); refuses, in one line, labels holding fewer than N + M samples."""
     users = [s for s in request.sources if get_source(s).needs_calibration]
     if not users:
-        return {}
+        return []
     N, M, labels, src = run.num_data, request.calib_num_data, run.labels, " and ".join(users)
     if N + M > len(labels):
         raise PipelineError(f"--source {src} calibrates on samples {N}..{N + M - 1} (after the {N} evaluated: "
                             f"--num_data {N}, --calib_num_data {M}), but {labels.path} holds {len(labels)}; "
                             f"give --num_data N with N + {M} <= {len(labels)}, lower --calib_num_data, or rerun "
                             f"{artifacts.LABELS.producer} --num_data {N + M} and the score steps")
+    return users
+
+
+def calibrate(run, request: SweepRequest, scores: dict, inputs: RankInputs) -> dict:
+    """``{metric: {comp: [L, units]}}``: each metric's mean keep-score over the calibration samples
+    N .. N+M-1 (N = the samples evaluated, M = ``calib_num_data``), when a requested source that masks from
+    stored scores needs it; empty otherwise.  Every source that reads calibration samples needs them labelled.
+    For ``all``, a metric whose score files hold too few samples is left out of those sources with a note."""
+    users = check_calibration_samples(run, request)
+    if not users:
+        return {}
+    N, M = run.num_data, request.calib_num_data
     users = [s for s in users if not get_source(s).per_token]
     src = " and ".join(users)
     out = {}
