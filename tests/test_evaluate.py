@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -190,3 +191,31 @@ def test_a_task_file_with_a_bad_gold_is_refused(run_copy, tmp_path, capsys):
     bad = write_rows(tmp_path / "bad.jsonl", [{"query": "Q?", "choices": ["a", "b"], "gold": 2}])
     line = exits_2(capsys, "evaluate", *where, "--tasks", bad, "--ppl", "none", "--source", "none")
     assert "'gold' must be the index of the right choice, 0 .. 1" in line
+
+
+def test_relabelling_retires_eval_and_a_rerun_recomputes(run_copy, scored, tiny, tmp_path, capsys):
+    result, where = run_copy
+    model, tok = tiny
+    task = write_rows(tmp_path / "good.jsonl", task_rows(model, tok)[:2])
+    corpus = tmp_path / "held.txt"
+    corpus.write_text("The cat sat on the mat.\nRain is water falling from clouds.\n")
+    args = ["--tasks", task, "--ppl", corpus, "--source", "none"]
+    evaluate(where, *args)
+    old_id = scored.labels["run_id"]
+    before = {p.relative_to(result): p.read_bytes() for p in (result / "eval").rglob("*") if p.is_file()}
+    assert {str(p) for p in before} == {"eval/tasks/good.json", "eval/ppl/held.json", "eval/results.json",
+                                        "eval/results.csv", "eval/accuracy.png", "eval/accuracy.pdf"}
+    in_process("label_generation", "--model_name", scored.model_dir, "--num_data", 1, *where)   # other settings
+    new_id = json.loads((result / "labels.json").read_text())["run_id"]
+    assert new_id != old_id
+    assert not [p for p in (result / "eval").rglob("*") if p.is_file()]
+    for path, content in before.items():
+        assert (result / "previous_runs" / old_id / path).read_bytes() == content
+    # an old task file put back by hand is not adopted: the saved files are keyed by the labels' run
+    (result / "eval" / "tasks" / "good.json").write_bytes(before[Path("eval/tasks/good.json")])
+    capsys.readouterr()
+    res = evaluate(where, *args)
+    assert "done already" not in capsys.readouterr().out
+    assert res["settings"]["labels_run_id"] == new_id
+    for sub in ("tasks/good.json", "ppl/held.json"):
+        assert json.loads((result / "eval" / sub).read_text())["key"]["run_id"] == new_id

@@ -277,12 +277,38 @@ def _predictor_moves(folder: Path, run_id: str) -> list:
     return moves
 
 
+def _eval_moves(folder: Path, run_id: str) -> list:
+    """evaluate.py's files (``eval/``, METHOD §11) of other runs: a saved task or corpus file (``tasks/``,
+    ``ppl/``) judged by the labels run in its key, ``results.json`` by its settings, the others (``results.csv``,
+    the figure) by ``results.json``'s run."""
+    if not folder.is_dir():
+        return []
+
+    def own_run(f: Path):
+        try:
+            data = read_json(f)
+            return (data.get("key") or {}).get("run_id") or (data.get("settings") or {}).get("labels_run_id")
+        except (*DAMAGED, AttributeError):
+            return None
+
+    record = folder / "results.json"
+    overall = own_run(record) if record.is_file() else None
+    moves = []
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        owner = (own_run(f) if f.suffix == ".json" else None) or overall
+        if owner != run_id:
+            moves.append((f, owner))
+    return moves
+
+
 def retire_previous_run(paths, run_id: str) -> list[Path]:
-    """Move every score, sweep, predictor and attribution-error file under ``paths`` that does not belong to the labels
-    run ``run_id`` into a fresh ``previous_runs/<their run_id>[.k]/`` (same sub-folders; nothing an earlier
-    retirement kept is overwritten), copy the labels being replaced there too (they are what makes those
-    files usable; the new labels replace the file itself atomically), drop other runs' saved samples, and
-    say so in one line.  Returns the retired files' new paths."""
+    """Move every score, sweep, predictor, attribution-error and evaluation file under ``paths`` that does not
+    belong to the labels run ``run_id`` into a fresh ``previous_runs/<their run_id>[.k]/`` (same sub-folders;
+    nothing an earlier retirement kept is overwritten), copy the labels being replaced there too (they are what
+    makes those files usable; the new labels replace the file itself atomically), drop other runs' saved
+    samples, and say so in one line.  Returns the retired files' new paths."""
     from .attribution_error import OUTPUT_DIR     # the optional step's folder (it imports this module's peers)
 
     root = paths.root
@@ -292,6 +318,7 @@ def retire_previous_run(paths, run_id: str) -> list[Path]:
     moves += _folder_moves(paths.res, paths.results, run_id, judge_json=True)
     moves += _folder_moves(root / OUTPUT_DIR, root / OUTPUT_DIR / "summary.json", run_id, judge_json=False)
     moves += _predictor_moves(root / artifacts.PREDICTOR_DIR, run_id)
+    moves += _eval_moves(root / artifacts.EVAL_DIR, run_id)
     old_labels = _file_run_id(paths.labels) if paths.labels.is_file() else run_id
     folders, moved = {}, []
 
