@@ -129,3 +129,49 @@ def test_a_gzipped_per_sample_file_as_kept_in_docs(tmp_path):
     path.write_bytes(gzip.compress(json.dumps(_rows("gxo", [5, 6]) + _rows("ig", [1, 2])).encode()))
     (r,) = compare.main([str(path), "--a", "gxo", "--b", "ig", "--measure", "bleu"])
     assert r["difference"] == pytest.approx(4.0) and r["samples"] == 2
+
+
+def _eval_results(a_items, b_items, dense_items, nll_a, nll_b, tokens):
+    """evaluate.py's results.json, as much of it as compare.py reads: one task, one corpus."""
+    def acc_row(curve, ratio, items):
+        metric, _, source = curve.partition("@")
+        return {"curve": curve, "metric": metric or None, "source": source or None, "ratio": ratio,
+                "items": {"acc": items}, "acc": sum(items) / len(items)}
+
+    def ppl_row(curve, ratio, nll):
+        return {"curve": curve, "ratio": ratio, "text_nll": nll}
+
+    return {"accuracy": [{"task": "piqa", "metrics": ["acc"],
+                          "rows": [acc_row("dense", None, dense_items), acc_row("magnitude@static", 0.3, a_items),
+                                   acc_row("wina@static", 0.3, b_items)]}],
+            "perplexity": [{"corpus": "wiki", "text_tokens": tokens,
+                            "rows": [ppl_row("dense", None, nll_b), ppl_row("magnitude@static", 0.3, nll_a),
+                                     ppl_row("wina@static", 0.3, nll_b)]}]}
+
+
+def test_an_evaluation_is_paired_over_its_rows_and_texts():
+    a, b = [1, 1, 0, 1, 0, 1], [1, 0, 0, 1, 0, 0]
+    nll_a, nll_b, tokens = [2.0, 9.0, 0.0], [1.0, 3.0, 0.0], [2, 3, 0]      # a text of one token has none
+    res = _eval_results([float(x) for x in a], [float(x) for x in b], [1.0] * 6, nll_a, nll_b, tokens)
+    acc, ppl = compare.compare_eval(res, "magnitude@static", "wina@static")
+    assert acc["measure"] == "piqa:acc" and acc["difference"] == pytest.approx(2 / 6) and acc["samples"] == 6
+    # token-weighted: exp(sum nll / sum tokens) over the texts with tokens
+    assert ppl["measure"] == "ppl:wiki" and ppl["samples"] == 2
+    assert ppl["value_a"] == pytest.approx(math.exp(11 / 5)) and ppl["value_b"] == pytest.approx(math.exp(4 / 5))
+    # against dense (no ratio): paired at the other curve's ratio
+    (d,) = compare.compare_eval(res, "dense", "magnitude@static", measures=["piqa:acc"])
+    assert d["ratio"] == 0.3 and d["difference"] == pytest.approx(2 / 6)
+
+
+def test_an_evaluation_without_per_row_values_or_a_bad_measure_is_refused(tmp_path, capsys):
+    res = _eval_results([1.0], [0.0], [1.0], [1.0], [1.0], [1])
+    del res["accuracy"][0]["rows"][1]["items"]
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--a", "magnitude@static", "--b", "wina@static"])
+    assert "rerun evaluate.py" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text(json.dumps(_eval_results([1.0, 0.0], [0.0, 0.0], [1.0, 1.0],
+                                                                    [1.0], [1.0], [1])))
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--a", "magnitude@static", "--b", "wina@static", "--measure", "boolq:acc"])
+    assert "no measure 'boolq:acc'" in capsys.readouterr().err

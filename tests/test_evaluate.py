@@ -90,6 +90,8 @@ def test_accuracy_is_one_when_gold_is_the_best_choice_and_drops_with_a_wrong_gol
     acc = {t["task"]: t["rows"][0] for t in res["accuracy"]}
     assert acc["good"]["acc"] == 1.0 and acc["good"]["n"] == 4
     assert acc["bad"]["acc"] == 0.75
+    # every row's value is kept, in row order, for paired comparisons (compare.py): row 0 is the wrong gold
+    assert acc["good"]["items"]["acc"] == [1.0] * 4 and acc["bad"]["items"]["acc"] == [0.0, 1.0, 1.0, 1.0]
     assert acc["bad"]["acc_stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 3))   # lm-eval's: sample std / sqrt(n)
     assert (result / "eval" / "results.csv").is_file() and (result / "eval" / "accuracy.png").is_file()
 
@@ -134,6 +136,9 @@ def test_perplexity_equals_a_full_forward(run_copy, tiny, tmp_path):
         count += ids.shape[1] - 1
     row = res["perplexity"][0]["rows"][0]
     assert row["tokens"] == count
+    assert sum(row["text_nll"]) == pytest.approx(total, rel=1e-5) and len(row["text_nll"]) == 3
+    assert res["perplexity"][0]["text_tokens"] == [len(tok(t, add_special_tokens=False)["input_ids"]) - 1
+                                                   for t in texts]
     assert row["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert row["ppl_ci"][0] <= row["ppl"] <= row["ppl_ci"][1]
 
@@ -159,6 +164,11 @@ def test_static_and_prompt_masks_run_and_ratio_zero_is_dense(run_copy, tiny, tmp
     assert [r["source"] for r in ppl] == [None, "static", "static", "static", "static"]   # prompt: no request
     assert ppl[1]["ppl"] == pytest.approx(ppl[0]["ppl"])
     assert res["settings"]["calibration_samples"] == [1, 1]
+    # compare.py pairs two of its curves over the same rows and texts; p = 0 is the dense model exactly
+    import compare
+    diffs = compare.compare_eval(res, "magnitude@static", "dense", ratios=[0.0])
+    assert [d["measure"] for d in diffs] == ["good:acc", "ppl:held"]
+    assert all(d["difference"] == pytest.approx(0.0, abs=1e-9) and not d["separable"] for d in diffs)
     # resume: the same command reuses every saved task and corpus
     capsys.readouterr()
     saved = {p: p.stat().st_mtime_ns for p in (result / "eval").rglob("*.json") if p.parent.name in ("tasks", "ppl")}

@@ -25,7 +25,7 @@ from .metric_registry import get_metric
 from .sites import SiteHooks
 from .sources import DEFAULT_CALIB_NUM_DATA, get_source
 
-EVAL_FORMAT = 1          # bump when what a saved task or corpus file means changes
+EVAL_FORMAT = 2          # bump when what a saved task or corpus file means changes (2: per-row values kept)
 
 
 @dataclass
@@ -199,8 +199,10 @@ def run_corpus(tokenizer, book, name, args, variants, base_key, folder):
         mean = sum(n[i] for n in nll) / total if total else float("nan")
         rows.append({**v.as_dict(), "ppl": math.exp(mean), "nll": mean, "tokens": total, "texts": len(weights),
                      "ppl_ci": bootstrap_interval(per_text, weights, np.exp),
-                     "activation_ratio": book.activation_ratio(i)})
-    out = {"key": key, "corpus": short, "source_file": where, "rows": rows, "seconds": seconds}
+                     "activation_ratio": book.activation_ratio(i),
+                     "text_nll": [n[i] for n in nll]})       # per text, summed over its tokens (compare.py)
+    out = {"key": key, "corpus": short, "source_file": where, "rows": rows, "seconds": seconds,
+           "text_tokens": counts}
     write_json(path, out)
     return out
 

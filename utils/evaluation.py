@@ -395,8 +395,10 @@ def harness_task(task):
 
 
 def evaluate_task(lm, task, variants: list) -> list[dict]:
-    """lm-eval's results of ``task`` for every variant: ``{metric: value, metric_stderr: value, n}``.  The
-    first variant's run scores every variant (``lm``'s table); the others read it."""
+    """lm-eval's results of ``task`` for every variant: ``{metric: value, metric_stderr: value, n, items}``,
+    ``items`` every row's value of each metric in row order (0 or 1 for acc: what a paired comparison of
+    two variants over the same rows needs, compare.py).  The first variant's run scores every variant
+    (``lm``'s table); the others read it."""
     from lm_eval.evaluator import evaluate
 
     harness = harness_task(task)
@@ -404,9 +406,11 @@ def evaluate_task(lm, task, variants: list) -> list[dict]:
     for i, _ in enumerate(variants):
         lm.variant = i
         with _quiet_bars():
-            res = evaluate(lm, {task.name: harness}, limit=None, bootstrap_iters=1000, log_samples=False)
+            res = evaluate(lm, {task.name: harness}, limit=None, bootstrap_iters=1000, log_samples=True)
         got = res["results"][task.name]
-        row = {"n": int(got.get("sample_len", len(task.rows)))}
+        samples = sorted(res["samples"][task.name], key=lambda d: d["doc_id"])
+        row = {"n": int(got.get("sample_len", len(task.rows))),
+               "items": {m: [float(d[m]) for d in samples] for m in task.metrics}}
         for m in task.metrics:
             row[m] = float(got[f"{m},none"])
             stderr = got.get(f"{m}_stderr,none")
