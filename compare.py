@@ -147,6 +147,8 @@ def compare(rows: list[dict], a: str, b: str, ratios=None, measures=MEASURE) -> 
     from utils.sweep_results import measure_samples     # noqa: PLC0415  (the sweep's one definition)
 
     curves = curves_of(rows)
+    if not curves:
+        raise PipelineError("the file holds no per-sample rows; point at a finished main.py sweep's per_sample.json")
     for name in (a, b):
         if name not in curves:
             raise PipelineError(f"no curve {name!r} in this sweep; it has: {', '.join(sorted(curves))}")

@@ -117,6 +117,10 @@ def test_a_folder_without_a_sweep_or_a_foreign_file_is_refused(tmp_path, capsys)
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path), "--a", "gxo", "--b", "ig"])
     assert "run main.py" in capsys.readouterr().err
+    (tmp_path / "per_sample.json").write_text("[]")
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--a", "gxo", "--b", "ig"])
+    assert "holds no per-sample rows" in capsys.readouterr().err
     (tmp_path / "per_sample.json").write_text(json.dumps({"curves": {}}))
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path), "--a", "gxo", "--b", "ig"])
