@@ -61,6 +61,28 @@ def per_sample_file(path: Path) -> Path:
     raise PipelineError(f"no per_sample.json at {path} (nor {path / SWEEP_DIR}); run main.py for that folder first")
 
 
+def _chosen_ratios(shared: list, ratios) -> list:
+    """``ratios`` (all of them in ``shared``, else a one-line error), or every shared ratio."""
+    if ratios is None:
+        return shared
+    missing = [p for p in ratios if float(p) not in shared]
+    if missing:
+        raise PipelineError(f"ratio {missing[0]:g} is not in both curves; they share: "
+                            f"{', '.join(f'{p:g}' for p in shared)}")
+    return [float(p) for p in ratios]
+
+
+def _paired_row(measure: str, p, a: str, b: str, side_a: tuple, side_b: tuple, transform) -> dict:
+    """One output row: both curves' statistic over the same samples (``side``: values, weights), their
+    difference and its paired interval."""
+    (va, wa), (vb, wb) = side_a, side_b
+    diff, interval = paired_difference(va, vb, wa, wb, transform)
+    return {"measure": measure, "ratio": p, "a": a, "b": b, "samples": len(va),
+            "value_a": _statistic(va, wa, transform), "value_b": _statistic(vb, wb, transform),
+            "difference": diff, "interval": interval,
+            "separable": interval is not None and (interval[0] > 0 or interval[1] < 0)}
+
+
 def eval_curves(results: dict) -> dict:
     """``{curve: {ratio: {measure: (values, weights, transform)}}}`` from evaluate.py's results: per task and
     metric the rows' values (``<task>:<metric>``), per corpus the texts' mean NLL per token weighted by their
@@ -95,12 +117,7 @@ def compare_eval(results: dict, a: str, b: str, ratios=None, measures=None) -> l
     def ratios_of(name):
         return {p for p in curves[name] if p is not None}
     shared = sorted(ratios_of(a) & ratios_of(b) if ratios_of(a) and ratios_of(b) else ratios_of(a) | ratios_of(b))
-    if ratios is not None:
-        missing = [p for p in ratios if float(p) not in shared]
-        if missing:
-            raise PipelineError(f"ratio {missing[0]:g} is not in both curves; they share: "
-                                f"{', '.join(f'{p:g}' for p in shared)}")
-        shared = [float(p) for p in ratios]
+    shared = _chosen_ratios(shared, ratios)
     available = sorted(next(iter(curves[a].values())))
     if measures is None:
         measures = [m for m in available if m.endswith(":acc") or m.startswith("ppl:")]
@@ -112,11 +129,7 @@ def compare_eval(results: dict, a: str, b: str, ratios=None, measures=None) -> l
         for p in shared:
             va, wa, t = curves[a].get(p, curves[a].get(None))[measure]
             vb, wb, _ = curves[b].get(p, curves[b].get(None))[measure]
-            diff, interval = paired_difference(va, vb, wa, wb, t)
-            out.append({"measure": measure, "ratio": p, "a": a, "b": b, "samples": len(va),
-                        "value_a": _statistic(va, wa, t), "value_b": _statistic(vb, wb, t), "difference": diff,
-                        "interval": interval,
-                        "separable": interval is not None and (interval[0] > 0 or interval[1] < 0)})
+            out.append(_paired_row(measure, p, a, b, (va, wa), (vb, wb), t))
     return out
 
 
@@ -153,12 +166,7 @@ def compare(rows: list[dict], a: str, b: str, ratios=None, measures=MEASURE) -> 
         if name not in curves:
             raise PipelineError(f"no curve {name!r} in this sweep; it has: {', '.join(sorted(curves))}")
     shared = sorted(set(curves[a]) & set(curves[b]))
-    if ratios is not None:
-        missing = [p for p in ratios if float(p) not in shared]
-        if missing:
-            raise PipelineError(f"ratio {missing[0]:g} is not in both curves; they share: "
-                                f"{', '.join(f'{p:g}' for p in shared)}")
-        shared = [float(p) for p in ratios]
+    shared = _chosen_ratios(shared, ratios)
     out = []
     for measure in measures:
         for p in shared:
@@ -168,11 +176,7 @@ def compare(rows: list[dict], a: str, b: str, ratios=None, measures=MEASURE) -> 
                 samples = [s for s in samples if ra[s]["kl"] is not None and rb[s]["kl"] is not None]
             va, wa, t = measure_samples([ra[s] for s in samples], measure)
             vb, wb, _ = measure_samples([rb[s] for s in samples], measure)
-            diff, interval = paired_difference(va, vb, wa, wb, t)
-            out.append({"measure": measure, "ratio": p, "a": a, "b": b, "samples": len(samples),
-                        "value_a": _statistic(va, wa, t), "value_b": _statistic(vb, wb, t), "difference": diff,
-                        "interval": interval,
-                        "separable": interval is not None and (interval[0] > 0 or interval[1] < 0)})
+            out.append(_paired_row(measure, p, a, b, (va, wa), (vb, wb), t))
     return out
 
 
