@@ -351,3 +351,27 @@ def test_predictor_step_trains_resumes_and_refuses_stale_files(run_copy, capsys,
     assert "is damaged" in err
     err = exits_2(capsys, *train, "--num_data", 2)
     assert "give --num_data N >= 1 with N + M <= 2" in err
+
+
+def test_a_failed_masker_build_removes_the_hooks_already_placed():
+    from utils.token_sources import build_maskers
+
+    removed = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def remove(self):
+            removed.append(self.name)
+
+    def make(src):
+        if src == "bad":
+            raise RuntimeError("calibration failed")
+        return (None, []) if src == "none" else (Fake(src), ["magnitude"])
+
+    maskers, covered = build_maskers(["online", "none"], make)
+    assert list(maskers) == ["online"] and covered == {"online": ["magnitude"], "none": []} and removed == []
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        build_maskers(["online", "teal", "bad"], make)
+    assert removed == ["online", "teal"]

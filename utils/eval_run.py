@@ -86,29 +86,24 @@ def token_maskers(run, args, sources: list, selected, N, M) -> tuple[dict, dict,
     metrics they cannot use), except that a metric without a trained predictor is refused, not skipped."""
     from .predictor import PredictorMasker
     from .sweep import check_calibration_samples
-    from .token_sources import load_predictor
+    from .token_sources import build_maskers, load_predictor
 
     request = _request(args, args.source, N, M)
     if M is not None:
         check_calibration_samples(replace(run, num_data=N), request)
     weights = unit_weights(run.layout)
-    maskers, covered, settings = {}, {}, {}
-    try:
-        for src in sources:
-            if src == "predictor":
-                found = [load_predictor(run, request, m) for m in args.metric_name]   # missing or stale: refused
-                masker, covered[src] = (PredictorMasker(run.model, run.layout, weights, selected, args.metric_name,
-                                                        found), list(args.metric_name))
-                settings["predictors"] = {str(run.paths.predictor(m).relative_to(run.paths.root)):
-                                          sha256_file(run.paths.predictor(m)) for m in args.metric_name}
-            else:
-                masker, covered[src] = get_source(src).masker(run, request, args.metric_name, selected, weights)
-            if masker is not None:
-                maskers[src] = masker
-    except BaseException:
-        for masker in maskers.values():
-            masker.remove()
-        raise
+    settings = {}
+
+    def make(src):
+        if src != "predictor":
+            return get_source(src).masker(run, request, args.metric_name, selected, weights)
+        found = [load_predictor(run, request, m) for m in args.metric_name]   # missing or stale: refused
+        settings["predictors"] = {str(run.paths.predictor(m).relative_to(run.paths.root)):
+                                  sha256_file(run.paths.predictor(m)) for m in args.metric_name}
+        return PredictorMasker(run.model, run.layout, weights, selected, args.metric_name, found), \
+            list(args.metric_name)
+
+    maskers, covered = build_maskers(sources, make)
     return maskers, covered, settings
 
 

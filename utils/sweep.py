@@ -33,6 +33,7 @@ from .sites import ATTN, COMPONENTS, SiteHooks
 from .sources import (DEFAULT_CALIB_NUM_DATA, calibrated_keep_scores, calibrated_sources, get_source,
                       parse_sources, source_keep_masks)
 from .sweep_results import aggregate, sweep_settings, write_results
+from .token_sources import build_maskers
 
 
 @dataclass(frozen=True)
@@ -248,17 +249,9 @@ def plan_sweep(run, request: SweepRequest) -> SweepPlan:
     selected = layer_selection(request.layers, run.layout.num_layers)
     inputs = RankInputs.of(run.layout, metrics, request.cor_gxo_variant)
     calibrated = calibrate(run, request, scores, inputs)
-    maskers, covered = {}, {}
-    try:
-        for src in request.sources:
-            if get_source(src).per_token:
-                masker, covered[src] = get_source(src).masker(run, request, metrics, selected, unit_weights(run.layout))
-                if masker is not None:
-                    maskers[src] = masker
-    except BaseException:
-        for masker in maskers.values():
-            masker.remove()
-        raise
+    weights = unit_weights(run.layout)
+    maskers, covered = build_maskers([s for s in request.sources if get_source(s).per_token],
+                                     lambda src: get_source(src).masker(run, request, metrics, selected, weights))
     # the curves, in order: sources outer (oracle first: the curves of the oracle-only sweeps), metrics inner
     variants = []
     for src in request.sources:

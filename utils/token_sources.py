@@ -118,3 +118,20 @@ def predictor(run, request, metrics, selected, weights):
     if not names:
         return None, []
     return PredictorMasker(run.model, run.layout, weights, selected, names, found), names
+
+
+def build_maskers(sources, make) -> tuple[dict, dict]:
+    """``({source: masker}, {source: the metrics it covers})`` from ``make(source) -> (masker or None,
+    covered)`` for each of ``sources``.  A masker holds forward hooks on the model: if building one fails,
+    those already built are removed before the error goes on, so no hook outlives the failure."""
+    maskers, covered = {}, {}
+    try:
+        for src in sources:
+            masker, covered[src] = make(src)
+            if masker is not None:
+                maskers[src] = masker
+    except BaseException:
+        for masker in maskers.values():
+            masker.remove()
+        raise
+    return maskers, covered
