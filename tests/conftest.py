@@ -41,6 +41,19 @@ def random_ids(seed, batch=2, length=7):
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def random_predictor(layout, comp, seed, rank=3):
+    """A randomly initialised low-rank predictor of one component (utils/predictor.py), seeded: what the
+    per-token tests use in place of a trained one."""
+    from utils.predictor import Predictor, PredictorSettings
+    p = Predictor(layout.num_layers, layout.hidden, layout.units(comp), PredictorSettings(rank=rank, seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        p.mean.copy_(torch.randn(p.mean.shape, generator=g) * 0.1)
+        p.scale.copy_(torch.rand(p.scale.shape, generator=g) + 0.5)
+        p.bias.copy_(torch.randn(p.bias.shape, generator=g))
+    return p.eval().requires_grad_(False)
+
+
 def hf_greedy(model, ids, n):
     """Exactly ``n`` greedy tokens from ``transformers``' own ``generate`` (the decoding oracle)."""
     return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import QUESTIONS, exits_2, in_process
+from conftest import QUESTIONS, exits_2, in_process, random_predictor
 
 from utils.masks import unit_weights
 from utils.sites import ATTN, MLP, SiteHooks, locate_units
@@ -148,17 +148,6 @@ def slow_log_probs(model, ids, start, source, metric, ratio, selected, extra):
 
 
 # -- the maskers under test, built directly ------------------------------------------------------------------------
-def _random_predictor(layout, comp, seed):
-    from utils.predictor import Predictor, PredictorSettings
-    p = Predictor(layout.num_layers, layout.hidden, layout.units(comp), PredictorSettings(rank=3, seed=seed))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        p.mean.copy_(torch.randn(p.mean.shape, generator=g) * 0.1)
-        p.scale.copy_(torch.rand(p.scale.shape, generator=g) + 0.5)
-        p.bias.copy_(torch.randn(p.bias.shape, generator=g))
-    return p.eval().requires_grad_(False)
-
-
 def build_masker(source, model, layout, selected):
     """``(masker, what the slow reference needs)``."""
     from utils.predictor import PredictorMasker
@@ -169,7 +158,7 @@ def build_masker(source, model, layout, selected):
     if source == "online":
         return OnlineMasker(model, layout, weights, selected, METRICS), None
     if source == "predictor":
-        preds = [{c: _random_predictor(layout, c, 10 * v + i) for i, c in enumerate((ATTN, MLP))} for v in range(2)]
+        preds = [{c: random_predictor(layout, c, 10 * v + i) for i, c in enumerate((ATTN, MLP))} for v in range(2)]
         return PredictorMasker(model, layout, weights, selected, METRICS, preds), preds
     g = torch.Generator().manual_seed(3)
     samples = [(torch.randint(0, 500, (5,), generator=g).tolist(), torch.randint(0, 500, (6,), generator=g).tolist())

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import NO_EOS, assert_close, exits_2, in_process, random_ids
+from conftest import NO_EOS, assert_close, exits_2, in_process, random_ids, random_predictor
 
 from utils.masks import unit_weights
-from utils.predictor import Predictor, PredictorMasker, PredictorSettings
+from utils.predictor import PredictorMasker
 from utils.sites import ATTN, MLP, SiteHooks, locate_units
 from utils.teal import TealMasker, calibrate_thresholds
 from utils.token_masks import OnlineMasker
@@ -113,22 +113,11 @@ def test_online_masks_equal_the_slow_computation(arch_model):
     assert_close(slow[2], model(input_ids=ids).logits[0], f"{arch} p = 0 is dense")
 
 
-def _random_predictor(layout, comp, seed):
-    settings = PredictorSettings(rank=3, seed=seed)
-    p = Predictor(layout.num_layers, layout.hidden, layout.units(comp), settings)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        p.mean.copy_(torch.randn(p.mean.shape, generator=g) * 0.1)
-        p.scale.copy_(torch.rand(p.scale.shape, generator=g) + 0.5)
-        p.bias.copy_(torch.randn(p.bias.shape, generator=g))
-    return p.eval().requires_grad_(False)
-
-
 def test_predictor_masks_equal_the_slow_computation(arch_model):
     arch, model = arch_model
     ids = random_ids(2, batch=1, length=6)
     layout = locate_units(model)
-    preds = [{c: _random_predictor(layout, c, seed=10 * v + i) for i, c in enumerate((ATTN, MLP))} for v in range(2)]
+    preds = [{c: random_predictor(layout, c, seed=10 * v + i) for i, c in enumerate((ATTN, MLP))} for v in range(2)]
     seen = {}
 
     def remember(comp):
@@ -247,7 +236,7 @@ def _sweep_rows(model, labels):
     layout = locate_units(model)
     weights = unit_weights(layout)
     selected = torch.ones(layout.num_layers, dtype=torch.bool)
-    preds = [{c: _random_predictor(layout, c, seed=i) for i, c in enumerate((ATTN, MLP))}]
+    preds = [{c: random_predictor(layout, c, seed=i) for i, c in enumerate((ATTN, MLP))}]
     ratios = [0.0, 0.5]
     g = torch.Generator().manual_seed(5)
     P = len(_projections(model)[0]) + len(_projections(model)[1])
