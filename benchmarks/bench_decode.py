@@ -28,6 +28,9 @@ of utils/gathered.py at each kept share below 1, in the same run: ``predictor`` 
 predictors (exactly the kept share of heads and neurons per layer and token; the predictor's bytes are counted),
 ``teal`` with magnitude thresholds calibrated on the dense model's own continuations (the share of columns it
 really read is measured and reported).  Their "weights MB" and bytes-ideal are the weights a step reads.
+``--kernels stock triton`` gives each source a row per kind of gather: stock PyTorch (index lists, eager for
+teal) or the masked Triton kernels of utils/triton_gemv.py (GPU only; shape-static, so teal compiles too; its
+kept share is then counted in one extra eager decode before the timed ones).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.decode import COMPILE_MODES, GreedyDecoder, fuse_projections  # noqa: E402
-from utils.gathered import ROW_MODES, cpp_rows  # noqa: E402
+from utils.gathered import KERNELS, ROW_MODES, cpp_rows  # noqa: E402
 from utils.cli import cli_entry  # noqa: E402
 from utils.errors import PipelineError  # noqa: E402
 from utils.io import write_json  # noqa: E402
@@ -73,6 +76,7 @@ PROFILE_STEPS = 16         # decode steps the profiler records per row
 PER_TOKEN = ("predictor", "teal")
 PER_TOKEN_DEFAULT = "auto"  # per-token gathered rows (utils/gathered.py): auto = both on a CPU at batch 1, none on CUDA
 ROWS = "auto"              # how the predictor path gathers output rows (utils.gathered.ROW_MODES; auto: cpp if it builds)
+PER_TOKEN_KERNELS = ["auto"]  # the per-token rows' gathers (utils.gathered.KERNELS): auto = triton on CUDA, stock on a CPU
 PREDICTOR_RANK = 64        # the random predictors' rank (the predictor step's default)
 TEAL_CALIB = 3             # prompts (the benchmark's and random others) whose greedy continuations calibrate teal
 THREADS = 0                # CPU threads (0: torch's default)
@@ -146,6 +150,8 @@ def _new_decoder(model, prompt, args, compile_mode):
 def _one_run(entry, prompt, args) -> tuple:
     t = {}
     counter = getattr(entry["model"], "gathered", {}).get("counter")
+    if counter is not None and not counter["on"]:
+        counter = None
     if counter is not None:
         counter["kept"] = 0
     tokens = entry["decoder"].generate(prompt, args.new_tokens, prefill_model=entry["prefill_model"],
@@ -200,27 +206,28 @@ def make_entry(dense, layout, share, fused, dense_bytes, device, read) -> dict:
     return entry
 
 
-def make_token_entry(dense, layout, share, source, dense_bytes, read, args) -> dict:
+def make_token_entry(dense, layout, share, label, dense_bytes, read, args) -> dict:
     """The model of a per-token row (utils/gathered.py): ``source`` "predictor" (random low-rank predictors
     of rank ``PREDICTOR_RANK``: which units they keep does not change the speed, how many does) or "teal"
     (magnitude thresholds calibrated to the deactivation ratio 1 - share on the dense model's own greedy
     continuations of random prompts: :func:`teal_samples`; the share of columns it really reads is measured
-    while it decodes).  The prompt runs dense."""
+    while it decodes).  ``label`` is "source:kernels".  The prompt runs dense."""
     from utils.gathered import predictor_bytes, predictor_model, projection_bytes, skipped_bytes, teal_model
     from utils.predictor import Predictor, PredictorSettings
     from utils.teal import calibrate_thresholds
 
+    source, kernels = label.split(":")
     ratio = round(1.0 - share, 6)
     start = time.perf_counter()
     base = read(dense)
     entry = {"kept": share, "fused": False, "prefill_model": None, "plan": None, "source": source,
-             "path": f"per-token {source} (gathered)"}
+             "kernels": kernels, "path": f"per-token {source} (gathered, {kernels})"}
     if source == "predictor":
         settings = PredictorSettings(rank=PREDICTOR_RANK, seed=SEED)
         preds = {comp: Predictor(layout.num_layers, layout.hidden, layout.units(comp), settings).eval()
                  .requires_grad_(False) for comp in (ATTN, MLP)}
         # compiled (a GPU's CUDA graphs): shape-static selection, exactly k units, no host synchronisation
-        model = predictor_model(dense, preds, ratio, rows=args.rows, static=entry_compiled(args))
+        model = predictor_model(dense, preds, ratio, rows=args.rows, static=entry_compiled(args), kernels=kernels)
         delta = predictor_bytes(model) - skipped_bytes(model)
         entry.update(kept_heads=model.gathered["kept_heads"] / layout.num_heads,
                      kept_neurons=model.gathered["kept_neurons"] / layout.intermediate,
@@ -230,9 +237,16 @@ def make_token_entry(dense, layout, share, source, dense_bytes, read, args) -> d
     elif source == "teal":
         samples = teal_samples(dense, args)
         thresholds = calibrate_thresholds(dense, samples, ["magnitude"], [ratio])
-        model = teal_model(dense, thresholds[0, 0])
+        model = teal_model(dense, thresholds[0, 0], kernels=kernels)
         entry.update(projection_bytes=projection_bytes(model), kept_runs=[], base_read=base,
                      elem=next(dense.parameters()).element_size())
+        if kernels == "triton":
+            # count the columns read in one eager decode, then time without counting (no host synchronisation)
+            prompt = torch.randint(0, dense.get_input_embeddings().weight.shape[0], (1, args.prompt_len),
+                                   generator=torch.Generator().manual_seed(SEED)).to(next(dense.parameters()).device)
+            _one_run({"model": model, "decoder": _new_decoder(model, prompt, args, None), "prefill_model": None,
+                      "plan": None, "kept_runs": entry["kept_runs"]}, prompt, args)
+            model.gathered["counter"]["on"] = False
     else:
         raise PipelineError(f"unknown per-token source {source!r}; choose from {', '.join(PER_TOKEN)}")
     entry.update(model=model, build_ms=1e3 * (time.perf_counter() - start))
@@ -272,8 +286,8 @@ def entry_compiled(args) -> bool:
 
 
 def _row_compile(key, compile_mode):
-    """A row's compile mode: every row's but teal's (its kept channels change in number every token: eager)."""
-    return None if key[1] == "teal" else compile_mode
+    """A row's compile mode: every row's but stock teal's (its kept channels change in number every token: eager)."""
+    return None if key[1] == "teal:stock" else compile_mode
 
 
 def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes, bandwidth: float,
@@ -284,8 +298,8 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes,
     load on a shared machine hits all rows alike (peak memory: all models at once)."""
     device = prompt.device
     shares = sorted(set(args.kept) | {1.0}, reverse=True)
-    keys = [(share, None) for share in shares] + [(share, src) for src in per_token for share in shares
-                                                  if share < 1.0]
+    keys = [(share, None) for share in shares] + [(share, f"{src}:{kern}") for src in per_token
+                                                  for kern in args.kernels for share in shares if share < 1.0]
     results = {}
 
     def read(model):
@@ -343,7 +357,7 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes,
                "weight_bytes": entry["weight_bytes"], "kept_heads": entry["kept_heads"],
                "kept_neurons": entry["kept_neurons"]}
         if source is not None:
-            row["per_token"] = source
+            row["per_token"], row["kernels"] = entry["source"], entry["kernels"]
             if "predictor_bytes" in entry:
                 row["predictor_bytes"] = entry["predictor_bytes"]
                 row["rows"] = args.rows
@@ -421,8 +435,16 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.compile_mode = compile_mode
-    if compile_mode is not None and "teal" in per_token:
-        print("note: the teal rows run eager (their gathers change shape every token)", file=sys.stderr)
+    if args.kernels == ["auto"]:
+        args.kernels = ["triton" if device.type == "cuda" else "stock"]
+    if any(k not in KERNELS for k in args.kernels) or len(set(args.kernels)) != len(args.kernels):
+        raise PipelineError(f"--kernels: auto, or each of {', '.join(KERNELS)} at most once (got {args.kernels})")
+    if "triton" in args.kernels and per_token and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise PipelineError("--kernels triton times the Triton kernels on a GPU (on a CPU they only run in "
+                            "Triton's interpreter: set TRITON_INTERPRET=1 to check them, not to time them); "
+                            "use --kernels stock here")
+    if compile_mode is not None and "teal" in per_token and "stock" in args.kernels:
+        print("note: the stock teal rows run eager (their gathers change shape every token)", file=sys.stderr)
     if args.rows == "auto":
         args.rows = "index_select" if compile_mode is None else "compiled"
         if "predictor" in per_token and device.type == "cpu" and compile_mode is None:
@@ -456,6 +478,7 @@ def run(args) -> dict:
                          "dtype": str(dtype).replace("torch.", ""), "prompt_len": args.prompt_len,
                          "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
                          "interleave": args.interleave, "per_token": per_token, "rows": args.rows,
+                         "kernels": args.kernels,
                          "predictor_rank": PREDICTOR_RANK,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__},
@@ -600,6 +623,9 @@ def parse_args(argv=None):
     p.add_argument("--rows", default=ROWS, choices=("auto",) + ROW_MODES,
                    help="how the predictor path gathers output rows: cpp (a C++ gather-GEMV built on first use), "
                         "index_select + matmul, or compiled (inductor); auto: cpp where it builds, else index_select")
+    p.add_argument("--kernels", nargs="+", default=PER_TOKEN_KERNELS, choices=("auto",) + KERNELS,
+                   help="the per-token rows' gathers: stock (index lists, embedding_bag; the CPU's) or triton "
+                        "(masked kernels, GPU only; both: a row each); auto: triton on CUDA, stock on a CPU")
     p.add_argument("--threads", type=int, default=THREADS, help="CPU threads (0: torch's default)")
     p.add_argument("--json", default=None, help="write the rows and settings here")
     args = p.parse_args(argv)

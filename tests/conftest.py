@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the Triton kernels (utils/triton_gemv.py) run in Triton's interpreter on this CPU-only suite; triton reads
+# this when it is first imported, which torch.compile may do before any kernel test runs
+os.environ.setdefault("TRITON_INTERPRET", "1")
 # the environment of a script run as a subprocess
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 

@@ -124,6 +124,26 @@ def test_bench_decode_rows_carry_the_floor(tmp_path, capsys):
     assert exc.value.code == 2 and "repeats a value" in capsys.readouterr().err
 
 
+def test_bench_decode_rows_for_both_kinds_of_gather(tmp_path):
+    """--kernels stock triton: a row per source and kind of gather (the triton ones interpreted here); the same
+    thresholds on the same prompt read the same columns, counted in the triton teal row's eager decode."""
+    pytest.importorskip("triton")
+    import benchmarks.bench_decode as bench
+
+    out = tmp_path / "bench.json"
+    bench.main(["--model", "tiny", "--batch", "1", "--new_tokens", "4", "--prompt_len", "4", "--kept", "1.0", "0.5",
+                "--repeats", "1", "--warmup", "0", "--rows", "index_select", "--kernels", "stock", "triton",
+                "--profile", "off", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    got = [(r.get("per_token"), r.get("kernels")) for r in rows]
+    assert got == [(None, None), (None, None), ("predictor", "stock"), ("predictor", "triton"), ("teal", "stock"),
+                   ("teal", "triton")]
+    by = {(r.get("per_token"), r.get("kernels")): r for r in rows}
+    assert by["teal", "triton"]["kept_heads"] == pytest.approx(by["teal", "stock"]["kept_heads"])
+    assert 0 < by["teal", "triton"]["kept_heads"] < 1
+    assert by["predictor", "triton"]["read_bytes"] == by["predictor", "stock"]["read_bytes"]
+
+
 def test_bench_decode_flags_a_row_faster_than_its_bytes(capsys):
     import benchmarks.bench_decode as bench
 

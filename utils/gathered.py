@@ -46,6 +46,7 @@ from .sparse_model import shallow_clone
 from .token_masks import kept_units
 
 ROW_MODES = ("cpp", "index_select", "compiled")
+KERNELS = ("stock", "triton")
 _compiled_rows = {}
 
 
@@ -140,6 +141,18 @@ def column_gather(wt: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> 
     return F.embedding_bag(idx.view(-1), wt, offsets, per_sample_weights=values.reshape(-1).to(wt.dtype), mode="sum")
 
 
+def _triton():
+    """utils/triton_gemv (imported on first use: triton is optional)."""
+    from . import triton_gemv
+
+    return triton_gemv
+
+
+def _check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise PipelineError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+
+
 def _one_token(x: torch.Tensor) -> bool:
     """Whether ``x`` ``[B, S, d]`` is one decode token (batch 1); a batch of single tokens is refused."""
     if x.dim() >= 3 and x.shape[-2] == 1 and x.shape[0] > 1:
@@ -159,15 +172,25 @@ def select_units(scores: torch.Tensor, k: int, static: bool = False) -> torch.Te
     return (scores >= threshold).nonzero().view(-1)
 
 
+def keep_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[units]`` bool: the units :func:`select_units` keeps (ties at the threshold all kept), as a mask of fixed
+    shape (no ``nonzero``: no host synchronisation)."""
+    units = scores.shape[-1]
+    if k >= units:
+        return torch.ones(units, dtype=torch.bool, device=scores.device)
+    return scores >= scores.kthvalue(units - k + 1).values
+
+
 class _Gather(nn.Module):
     """What the parts of one block share: the predictor of the block's component and layer, the weights in
     their gather layouts, and the units the current token keeps (set by the first part, read by the rest)."""
 
-    def __init__(self, predictor, layer: int, keep: int, static: bool, rows):
+    def __init__(self, predictor, layer: int, keep: int, static: bool, rows, kernels: str = "stock"):
         super().__init__()
         self.predictor, self.layer, self.keep, self.static = predictor, layer, keep, static
         self.rows = row_gather(rows, "inductor") if isinstance(rows, str) else rows
-        self.idx = None
+        self.triton = _triton() if kernels == "triton" else None
+        self.idx = self.mask = None
         # the predictor's layer with its standardisation folded in: (h - mean) / scale @ down
         # = h @ (down / scale[:, None]) - (mean / scale) @ down (the same map; rounding may differ in the last bits)
         mean, scale, down = predictor.mean[layer], predictor.scale[layer], predictor.down[layer]
@@ -176,13 +199,21 @@ class _Gather(nn.Module):
         self.p_mid = None if predictor.mid is None else predictor.mid[layer]
         self.p_up, self.p_bias = predictor.up[layer], predictor.bias[layer]
 
-    def choose(self, h: torch.Tensor) -> torch.Tensor:
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
         z = torch.addmv(self.p_shift, self.p_down.t(), h.float())
         if self.p_mid is not None:
             z = torch.relu(z @ self.p_mid)
-        scores = torch.addmv(self.p_bias, self.p_up.t(), z)
-        self.idx = select_units(scores, self.keep, self.static)
+        return torch.addmv(self.p_bias, self.p_up.t(), z)
+
+    def choose(self, h: torch.Tensor) -> torch.Tensor:
+        """The kept units' indices (stock kernels; also held as ``self.idx``)."""
+        self.idx = select_units(self.scores(h), self.keep, self.static)
         return self.idx
+
+    def choose_mask(self, h: torch.Tensor) -> torch.Tensor:
+        """The kept units as a bool mask (triton kernels; also held as ``self.mask``)."""
+        self.mask = keep_mask(self.scores(h), self.keep)
+        return self.mask
 
 
 class _Part(nn.Module):
@@ -215,6 +246,8 @@ class _HeadGather(_Gather):
                                 None if self.q_bias is None else self.q_bias.view(-1))
             y = x @ self.out_t
             return y if self.out_bias is None else y + self.out_bias
+        if self.triton is not None:
+            return self._part_triton(index, x)
         if index == 0:
             h = x.reshape(-1)
             idx = self.choose(h)
@@ -227,6 +260,20 @@ class _HeadGather(_Gather):
         channels = self.channels.index_select(0, idx)
         kept = x.reshape(H, hd).index_select(0, idx)
         y = column_gather(self.out_t, channels, kept)
+        if self.out_bias is not None:
+            y = y + self.out_bias
+        return y.view(*x.shape[:-1], -1)
+
+    def _part_triton(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        # a pruned head's query is 0 (or its bias): its attention runs, its output channels are never read
+        H, hd = self.heads, self.head_dim
+        if index == 0:
+            h = x.reshape(-1)
+            q = self.triton.masked_rows(self.q_weight.view(H * hd, -1), h, self.choose_mask(h), hd)
+            if self.q_bias is not None:
+                q = q + self.q_bias.view(-1)
+            return q.view(*x.shape[:-1], H * hd)
+        y = self.triton.masked_columns(self.out_t, x.reshape(-1), self.mask, hd)
         if self.out_bias is not None:
             y = y + self.out_bias
         return y.view(*x.shape[:-1], -1)
@@ -250,6 +297,8 @@ class _NeuronGather(_Gather):
         if index == self.n:
             if not _one_token(x):
                 y = x @ self.down_t
+            elif self.triton is not None:       # a pruned neuron's activation is never read
+                y = self.triton.masked_columns(self.down_t, x.reshape(-1), self.mask, 1).view(*x.shape[:-1], -1)
             else:
                 y = column_gather(self.down_t, self.idx, x).view(*x.shape[:-1], -1)
             return y if self.down_bias is None else y + self.down_bias
@@ -260,6 +309,14 @@ class _NeuronGather(_Gather):
                 y = y.view(*x.shape[:-1], I, self.n)
                 if self.in_bias is not None:
                     y = y + self.in_bias
+            elif self.triton is not None:
+                h = x.reshape(-1)
+                I = self.in_weight.shape[0]
+                y = self.triton.masked_rows(self.in_weight.view(I * self.n, -1), h, self.choose_mask(h), self.n)
+                y = y.view(I, self.n)
+                if self.in_bias is not None:
+                    y = y + self.in_bias
+                y = y.view(*x.shape[:-1], I, self.n)
             else:
                 h = x.reshape(-1)
                 idx = self.choose(h)
@@ -276,14 +333,17 @@ class _NeuronGather(_Gather):
 
 
 def predictor_model(model: nn.Module, predictors: dict, ratio: float, rows: str = "index_select",
-                    static: bool = False, backend: str = "inductor") -> nn.Module:
+                    static: bool = False, backend: str = "inductor", kernels: str = "stock") -> nn.Module:
     """A new model (sharing the unchanged modules) whose decode steps keep, per layer and token, the heads and
     neurons ``predictors`` (``{ATTN: Predictor, MLP: Predictor}``) score highest, at deactivation ratio
     ``ratio`` (every layer masked), reading only their weights; batch 1.  The query and gate/up weights are
     read in place; the output and down projections are held transposed, and a gated MLP's gate and up rows
-    interleaved (new tensors)."""
+    interleaved (new tensors).  ``kernels="triton"``: the masked Triton kernels (utils/triton_gemv.py) instead
+    of ``rows`` and ``F.embedding_bag``; the selection is then a mask (no host synchronisation, ties as the
+    masker keeps them), and ``static`` does not matter."""
     from .sites import locate_units
 
+    _check_kernels(kernels)
     layout = locate_units(model)
     device = next(model.parameters()).device
     if rows == "cpp" and device.type != "cpu":
@@ -302,18 +362,19 @@ def predictor_model(model: nn.Module, predictors: dict, ratio: float, rows: str 
                 raise PipelineError(f"the gathered decode path needs separate q/k/v and MLP input Linear modules; "
                                     f"decoder layer {index} ({type(layer).__name__}) has none")
             heads = _HeadGather(getattr(found.attention, qkv[0]), found.attn_out, layout.num_heads, layout.head_dim,
-                                predictor=preds[ATTN], layer=index, keep=keep[ATTN], static=static, rows=gather())
+                                predictor=preds[ATTN], layer=index, keep=keep[ATTN], static=static, rows=gather(),
+                                kernels=kernels)
             found.attention.gathered_heads = heads
             setattr(found.attention, qkv[0], _Part(heads, 0))
             setattr(found.attention, found.attn_out_name, _Part(heads, 1))
             neurons = _NeuronGather([getattr(found.mlp, n) for n in mlp_in], found.mlp_down, predictor=preds[MLP],
-                                    layer=index, keep=keep[MLP], static=static, rows=gather())
+                                    layer=index, keep=keep[MLP], static=static, rows=gather(), kernels=kernels)
             found.mlp.gathered_neurons = neurons
             for i, name in enumerate(mlp_in):
                 setattr(found.mlp, name, _Part(neurons, i))
             setattr(found.mlp, found.mlp_down_name, _Part(neurons, len(mlp_in)))
     new.gathered = {"source": "predictor", "ratio": ratio, "kept_heads": keep[ATTN], "kept_neurons": keep[MLP],
-                    "rows": rows, "static": static}
+                    "rows": rows, "static": static, "kernels": kernels}
     return new
 
 
@@ -321,8 +382,9 @@ class _TealColumns(nn.Module):
     """One projection of the ``teal`` source: reads only the weight columns (rows of its transposed copy) of
     the input channels scoring at least the threshold."""
 
-    def __init__(self, module: nn.Module, threshold: float, wina: bool, counter: dict):
+    def __init__(self, module: nn.Module, threshold: float, wina: bool, counter: dict, kernels: str = "stock"):
         super().__init__()
+        self.triton = _triton() if kernels == "triton" else None
         weight = weight_out_in(module)
         self.weight_t = weight.t().contiguous()                                  # [in, out]
         self.bias = getattr(module, "bias", None)
@@ -339,29 +401,37 @@ class _TealColumns(nn.Module):
             scores = flat.float().abs()
             if self.norms is not None:
                 scores = scores * self.norms
-            idx = (scores >= self.threshold).nonzero().view(-1)
-            y = column_gather(self.weight_t, idx, flat.index_select(0, idx)).view(*x.shape[:-1], -1)
-            self.counter["kept"] += idx.shape[0] * self.out
+            if self.triton is not None:
+                keep = scores >= self.threshold
+                y = self.triton.masked_columns(self.weight_t, flat, keep, 1).view(*x.shape[:-1], -1)
+                if self.counter["on"]:          # a host synchronisation: off while a compiled decode is timed
+                    self.counter["kept"] += int(keep.sum()) * self.out
+            else:
+                idx = (scores >= self.threshold).nonzero().view(-1)
+                y = column_gather(self.weight_t, idx, flat.index_select(0, idx)).view(*x.shape[:-1], -1)
+                self.counter["kept"] += idx.shape[0] * self.out
         return y if self.bias is None else y + self.bias
 
 
-def teal_model(model: nn.Module, thresholds: torch.Tensor, wina: bool = False) -> nn.Module:
+def teal_model(model: nn.Module, thresholds: torch.Tensor, wina: bool = False, kernels: str = "stock") -> nn.Module:
     """A new model whose decode steps read, in every block projection j of layer l, only the weight columns of
     the input channels scoring at least ``thresholds[l, j]`` (one variant's and ratio's slice of
     ``utils.teal.calibrate_thresholds``; channel score ``|x|``, times the column norm with ``wina``); batch 1.
     Each projection is held transposed (a new tensor).  ``model.gathered["counter"]["kept"]`` adds up the
-    weights read (kept channels x output width) over the decode steps."""
+    weights read (kept channels x output width) over the decode steps (with ``kernels="triton"``, the masked
+    kernel of utils/triton_gemv.py: shape-static, compilable; it counts only while ``counter["on"]``)."""
+    _check_kernels(kernels)
     new = shallow_clone(model)
-    counter = {"kept": 0}
+    counter = {"kept": 0, "on": True}
     total = 0
     with torch.no_grad():
         for index, layer in enumerate(decoder_layers(new)):
             for j, (name, module) in enumerate(block_projections(layer, index).items()):
                 parent_name, child = name.split(".")
                 parent = getattr(layer, parent_name)
-                setattr(parent, child, _TealColumns(module, thresholds[index, j], wina, counter))
+                setattr(parent, child, _TealColumns(module, thresholds[index, j], wina, counter, kernels))
                 total += weight_out_in(module).numel()
-    new.gathered = {"source": "teal", "counter": counter, "layer_weights": total, "wina": wina}
+    new.gathered = {"source": "teal", "counter": counter, "layer_weights": total, "wina": wina, "kernels": kernels}
     return new
 
 
