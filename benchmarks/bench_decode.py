@@ -318,7 +318,7 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes,
                                             _row_compile(key, compile_mode))
             runs = [_one_run(entry, prompt, args) for _ in range(args.warmup + args.repeats)][args.warmup:]
             results[key] = (entry, _summary(entry, runs, args, *_peak(device)))
-            if args.profile and key[1] is None:
+            if args.profile:
                 entry["profile"] = profile_steps(entry, prompt, args)
             entry["decoder"] = entry["model"] = None
             if compile_mode is not None:
@@ -337,7 +337,7 @@ def measure_group(dense, layout, prompt, args, compile_mode, fused, dense_bytes,
         peak = _peak(device, " (all rows' models resident)")
         for key, entry in entries.items():
             results[key] = (entry, _summary(entry, runs[key], args, *peak))
-            if args.profile and key[1] is None:
+            if args.profile:
                 entry["profile"] = profile_steps(entry, prompt, args)
         del entries
         if compile_mode is not None:

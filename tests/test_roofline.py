@@ -71,7 +71,8 @@ def test_kernel_kinds_and_breakdown():
              "nvjet_tst_64x8_64x16_4x1_v_bz_TNT": "gemv", "flash_fwd_splitkv_kernel": "attention",
              "triton_red_fused__softmax_0": "attention", "triton_per_fused_rms_norm_1": "norm",
              "Memcpy DtoD (Device -> Device)": "copies", "triton_poi_fused_index_copy_2": "copies",
-             "triton_poi_fused_mul_silu_3": "other"}
+             "triton_poi_fused_mul_silu_3": "other", "rows_kernel": "masked gemv",
+             "threshold_columns_kernel": "masked gemv", "void at::native::sbtopk::gatherTopK<float>": "selection"}
     for name, kind in names.items():
         assert kernel_kind(name) == kind, name
     out = kernel_breakdown([("gemv2T_kernel", 10.0), ("gemv2T_kernel", 6.0), ("rms_norm", 2.0),

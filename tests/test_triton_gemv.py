@@ -16,7 +16,7 @@ from utils.masks import unit_weights  # noqa: E402
 from utils.predictor import PredictorMasker  # noqa: E402
 from utils.sites import locate_units  # noqa: E402
 from utils.teal import TealMasker, calibrate_thresholds  # noqa: E402
-from utils.triton_gemv import masked_columns, masked_rows  # noqa: E402
+from utils.triton_gemv import masked_columns, masked_rows, threshold_columns  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -40,6 +40,28 @@ def test_masked_kernels_by_formula(dtype, rtol, seed):
         assert_close(got.float(), want, "columns", rtol=rtol)
         if not keep.any():
             assert not got.any() and not masked_rows(w, x, keep, group).any()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_threshold_kernel_by_formula(dtype, rtol):
+    """TEAL's rule inside the kernel: |x| >= t (magnitude) and |x| * norm >= t (wina), a threshold exactly on
+    some channels' score (kept: >=), one below every score and one above."""
+    g = torch.Generator().manual_seed(7)
+    wt = torch.randn(201, 77, generator=g).to(dtype)
+    x = torch.randn(201, generator=g).to(dtype)
+    norms = wt.float().norm(dim=1)
+    for scale in (None, norms):
+        scores = x.float().abs() if scale is None else x.float().abs() * scale
+        for t in (float(scores.median()), float(scores[17]), 0.0, float(scores.max()) * 2):
+            keep = scores >= t
+            want = (x.float() * keep) @ wt.float()
+            got = threshold_columns(wt, x, t, scale)
+            assert got.dtype == dtype
+            assert_close(got.float(), want, f"threshold {t}", rtol=rtol)
+    poisoned = wt.clone()
+    poisoned[x.abs() < x.abs().median()] = float("nan")             # pruned channels' columns are not read
+    t = float(x.float().abs().median())
+    assert torch.equal(threshold_columns(poisoned, x, t, None), threshold_columns(wt, x, t, None))
 
 
 def test_masked_kernels_ignore_what_they_skip():
@@ -66,6 +88,8 @@ def test_masked_kernels_refuse_bad_shapes():
         masked_rows(w, x, torch.ones(3), 2)
     with pytest.raises(PipelineError, match="contiguous"):
         masked_columns(w.t(), torch.randn(5), torch.ones(5, dtype=torch.bool), 1)
+    with pytest.raises(PipelineError, match="norms"):
+        threshold_columns(w, torch.randn(6), 0.5, torch.ones(5))
 
 
 def test_triton_predictor_path_equals_predictor_masker(arch_model):
@@ -89,19 +113,20 @@ def test_triton_predictor_path_equals_predictor_masker(arch_model):
         masker.remove()
 
 
-def test_triton_teal_path_equals_teal_masker(arch_model):
+@pytest.mark.parametrize("metric", ["magnitude", "wina"])
+def test_triton_teal_path_equals_teal_masker(arch_model, metric):
     arch, model = arch_model
     layout = locate_units(model)
     samples = [(random_ids(s, batch=1, length=5)[0].tolist(), random_ids(s + 70, batch=1, length=12)[0].tolist())
                for s in range(3)]
     ratio = 0.5
-    thresholds = calibrate_thresholds(model, samples, ["magnitude"], [ratio])
-    masker = TealMasker(model, layout, unit_weights(layout), all_layers(layout), ["magnitude"], thresholds, [ratio])
+    thresholds = calibrate_thresholds(model, samples, [metric], [ratio])
+    masker = TealMasker(model, layout, unit_weights(layout), all_layers(layout), [metric], thresholds, [ratio])
     prompt = random_ids(14, batch=1, length=6)
     try:
         masked = token_masked_generate(model, masker, prompt, [0], [ratio], NO_EOS, STEPS)[0][0]
-        stock = teal_model(model, thresholds[0, 0])
-        fast = teal_model(model, thresholds[0, 0], kernels="triton")
+        stock = teal_model(model, thresholds[0, 0], wina=metric == "wina")
+        fast = teal_model(model, thresholds[0, 0], wina=metric == "wina", kernels="triton")
         assert gathered_tokens(fast, prompt, STEPS) == masked, arch
         slow = stepwise_logits(model, prompt, masked, lambda: masker.rows([0], [ratio]))
         for m in (stock, fast):

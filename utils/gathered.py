@@ -393,21 +393,22 @@ class _TealColumns(nn.Module):
         self.counter = counter
         self.out = weight.shape[0]
 
+    def scores(self, flat: torch.Tensor) -> torch.Tensor:
+        scores = flat.float().abs()
+        return scores if self.norms is None else scores * self.norms
+
     def forward(self, x):
         if not _one_token(x):
             y = x @ self.weight_t
         else:
             flat = x.reshape(-1)
-            scores = flat.float().abs()
-            if self.norms is not None:
-                scores = scores * self.norms
-            if self.triton is not None:
-                keep = scores >= self.threshold
-                y = self.triton.masked_columns(self.weight_t, flat, keep, 1).view(*x.shape[:-1], -1)
+            if self.triton is not None:         # the threshold applied inside the kernel
+                y = self.triton.threshold_columns(self.weight_t, flat, self.threshold, self.norms)
+                y = y.view(*x.shape[:-1], -1)
                 if self.counter["on"]:          # a host synchronisation: off while a compiled decode is timed
-                    self.counter["kept"] += int(keep.sum()) * self.out
+                    self.counter["kept"] += int((self.scores(flat) >= self.threshold).sum()) * self.out
             else:
-                idx = (scores >= self.threshold).nonzero().view(-1)
+                idx = (self.scores(flat) >= self.threshold).nonzero().view(-1)
                 y = column_gather(self.weight_t, idx, flat.index_select(0, idx)).view(*x.shape[:-1], -1)
                 self.counter["kept"] += idx.shape[0] * self.out
         return y if self.bias is None else y + self.bias

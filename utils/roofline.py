@@ -116,8 +116,10 @@ def floor_fields(read_bytes: int, bandwidth: float, ms_per_token: float) -> dict
 # The kernel groups of the per-step breakdown, tried in order on the kernel's (lower-case) name.
 KERNEL_KINDS = (
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("masked gemv", r"rows_kernel|columns_kernel"),          # utils/triton_gemv.py
     ("gemv", r"gemv|gemm|cublas|cutlass|sm\d+_xmma|matmul|mm_|splitk|nvjet"),
     ("norm", r"norm"),
+    ("selection", r"kthvalue|topk|radix|sort"),           # before copies: gatherTopK, gatherKthValue
     ("copies", r"copy|memcpy|memset|cat_|index|gather|scatter|fill"),
 )
 

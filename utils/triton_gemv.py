@@ -36,7 +36,8 @@ BLOCK_SPLIT = 64      # input channels of one program of masked_columns (partial
 CONFIGS = {"rows": [dict(BLOCK_R=r, BLOCK_K=k) for r, k in ((4, 256), (8, 256), (16, 128), (16, 256), (32, 128))],
            "columns": [dict(BLOCK_K=k, BLOCK_N=n) for k, n in ((32, 128), (64, 128), (32, 256), (64, 256),
                                                                (128, 64))]}
-KEYS = {"rows": ["R", "IN"], "columns": ["IN", "OUT"]}
+CONFIGS["threshold_columns"] = CONFIGS["columns"]
+KEYS = {"rows": ["R", "IN"], "columns": ["IN", "OUT"], "threshold_columns": ["IN", "OUT"]}
 
 _kernels = {}
 if "triton" not in sys.modules and not torch.cuda.is_available():
@@ -59,7 +60,7 @@ def _kernel(name: str, device: torch.device):
         if not triton_interpreted():
             # the autotuner reruns a kernel while timing it: the atomically added output is zeroed before each run
             kernel = triton.autotune([triton.Config(c) for c in CONFIGS[name]], key=KEYS[name],
-                                     reset_to_zero=["out_ptr"] if name == "columns" else None)(kernel)
+                                     reset_to_zero=["out_ptr"] if "columns" in name else None)(kernel)
         _kernels[name] = kernel
     interpreted = bool(triton_interpreted())
     if (device.type == "cpu") != interpreted:
@@ -128,4 +129,29 @@ def masked_columns(wt: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, group:
 
 @masked_columns.register_fake
 def _(wt, x, keep, group):
+    return wt.new_empty(wt.shape[1])
+
+
+@torch.library.custom_op("sparse_activation::threshold_columns", mutates_args=())
+def threshold_columns(wt: torch.Tensor, x: torch.Tensor, threshold: float, norms: torch.Tensor | None) -> torch.Tensor:
+    """``[out]``: ``Σ_i x[i] · wt[i]`` over the input channels with ``|x[i]| (· norms[i]) >= threshold`` (float32
+    scores; ``norms`` float32 ``[in]`` or None)."""
+    _check(wt, x, torch.ones(wt.shape[0], dtype=torch.bool), 0, 1, "threshold_columns")
+    if norms is not None and (norms.dtype != torch.float32 or norms.shape != (wt.shape[0],)):
+        raise PipelineError(f"threshold_columns: norms float32 [{wt.shape[0]}], not {norms.dtype} {tuple(norms.shape)}")
+    IN, OUT = wt.shape
+    out = torch.zeros(OUT, device=wt.device, dtype=torch.float32)
+    kernel = _kernel("threshold_columns", wt.device)
+    args = (wt, x, x if norms is None else norms.contiguous(), out, IN, OUT, float(threshold))
+    if wt.device.type == "cpu":
+        kernel[(triton_cdiv(OUT, BLOCK_OUT), triton_cdiv(IN, BLOCK_SPLIT))](*args, HAS_NORM=norms is not None,
+                                                                           BLOCK_K=BLOCK_SPLIT, BLOCK_N=BLOCK_OUT)
+    else:
+        kernel[lambda meta: (triton_cdiv(OUT, meta["BLOCK_N"]), triton_cdiv(IN, meta["BLOCK_K"]))](
+            *args, HAS_NORM=norms is not None)
+    return out.to(wt.dtype)
+
+
+@threshold_columns.register_fake
+def _(wt, x, threshold, norms):
     return wt.new_empty(wt.shape[1])
