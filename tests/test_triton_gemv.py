@@ -32,11 +32,11 @@ def test_masked_kernels_by_formula(dtype, rtol, seed):
         rows = keep.repeat_interleave(group)
         want = torch.where(rows, w.float() @ x.float(), torch.zeros(()))
         assert_close(masked_rows(w, x, keep, group).float(), want, "rows", rtol=rtol)
-        assert masked_rows(w, x, keep, group).dtype == dtype
+        assert masked_rows(w, x, keep, group).dtype == torch.float32       # the caller casts (fused there)
         xt = torch.randn(units * group, generator=g).to(dtype)
         want = (xt.float() * rows) @ w.float()
         got = masked_columns(w, xt, keep, group)
-        assert got.dtype == dtype
+        assert got.dtype == torch.float32
         assert_close(got.float(), want, "columns", rtol=rtol)
         if not keep.any():
             assert not got.any() and not masked_rows(w, x, keep, group).any()
@@ -56,7 +56,7 @@ def test_threshold_kernel_by_formula(dtype, rtol):
             keep = scores >= t
             want = (x.float() * keep) @ wt.float()
             got = threshold_columns(wt, x, t, scale)
-            assert got.dtype == dtype
+            assert got.dtype == torch.float32
             assert_close(got.float(), want, f"threshold {t}", rtol=rtol)
     poisoned = wt.clone()
     poisoned[x.abs() < x.abs().median()] = float("nan")             # pruned channels' columns are not read
@@ -149,8 +149,8 @@ def test_triton_paths_trace_as_one_graph(arch_model):
     layout = locate_units(model)
     preds = random_predictors(layout, seed=6)
     prompt = random_ids(15, batch=1, length=5)
-    fast = predictor_model(model, preds, 0.5, kernels="triton")
-    want = gathered_tokens(fast, prompt, 8)
+    want = gathered_tokens(predictor_model(model, preds, 0.5, kernels="triton"), prompt, 8)
+    fast = predictor_model(model, preds, 0.5, kernels="triton", static=True)     # topk: what a GPU compiles
     decoder = GreedyDecoder(fast, 1, prompt.shape[1] + 8, compile="default", backend="eager")
     assert decoder.generate(prompt, 8)[0].tolist() == want, arch
     samples = [(random_ids(s, batch=1, length=5)[0].tolist(), random_ids(s + 90, batch=1, length=10)[0].tolist())
@@ -160,6 +160,24 @@ def test_triton_paths_trace_as_one_graph(arch_model):
     teal.gathered["counter"]["on"] = False
     decoder = GreedyDecoder(teal, 1, prompt.shape[1] + 8, compile="default", backend="eager")
     assert decoder.generate(prompt, 8)[0].tolist() == want, arch
+
+
+def test_keep_masks_by_formula():
+    """The mask selections against select_units (index lists): ties at the threshold all kept, or exactly k."""
+    from utils.gathered import keep_mask, select_units
+    g = torch.Generator().manual_seed(8)
+    for k in (1, 5, 11, 12):
+        scores = torch.randn(12, generator=g)
+        scores[4] = scores[9]
+        for static in (False, True):
+            want = torch.zeros(12, dtype=torch.bool)
+            want[select_units(scores, k, static)] = True
+            got = keep_mask(scores, k, static)
+            assert torch.equal(got, want), (k, static)
+            assert not static or int(got.sum()) == k
+    tied = torch.tensor([1.0, 2.0, 2.0, 0.5])
+    assert keep_mask(tied, 1).tolist() == [False, True, True, False]
+    assert int(keep_mask(tied, 1, static=True).sum()) == 1
 
 
 def test_unknown_kernels_are_refused():

@@ -172,12 +172,16 @@ def select_units(scores: torch.Tensor, k: int, static: bool = False) -> torch.Te
     return (scores >= threshold).nonzero().view(-1)
 
 
-def keep_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``[units]`` bool: the units :func:`select_units` keeps (ties at the threshold all kept), as a mask of fixed
-    shape (no ``nonzero``: no host synchronisation)."""
+def keep_mask(scores: torch.Tensor, k: int, static: bool = False) -> torch.Tensor:
+    """``[units]`` bool: the units :func:`select_units` keeps, as a mask of fixed shape (no ``nonzero``: no host
+    synchronisation): every unit at or above the k-th largest score (ties all kept); ``static``: exactly the top
+    ``k`` by ``topk`` (a GPU's ``topk`` is faster than its single-slice ``kthvalue``)."""
     units = scores.shape[-1]
     if k >= units:
         return torch.ones(units, dtype=torch.bool, device=scores.device)
+    if static:
+        return torch.zeros(units, dtype=torch.bool, device=scores.device).index_fill_(
+            0, scores.topk(k, sorted=False).indices, True)
     return scores >= scores.kthvalue(units - k + 1).values
 
 
@@ -212,7 +216,7 @@ class _Gather(nn.Module):
 
     def choose_mask(self, h: torch.Tensor) -> torch.Tensor:
         """The kept units as a bool mask (triton kernels; also held as ``self.mask``)."""
-        self.mask = keep_mask(self.scores(h), self.keep)
+        self.mask = keep_mask(self.scores(h), self.keep, self.static)
         return self.mask
 
 
@@ -269,11 +273,11 @@ class _HeadGather(_Gather):
         H, hd = self.heads, self.head_dim
         if index == 0:
             h = x.reshape(-1)
-            q = self.triton.masked_rows(self.q_weight.view(H * hd, -1), h, self.choose_mask(h), hd)
+            q = self.triton.masked_rows(self.q_weight.view(H * hd, -1), h, self.choose_mask(h), hd).to(x.dtype)
             if self.q_bias is not None:
                 q = q + self.q_bias.view(-1)
             return q.view(*x.shape[:-1], H * hd)
-        y = self.triton.masked_columns(self.out_t, x.reshape(-1), self.mask, hd)
+        y = self.triton.masked_columns(self.out_t, x.reshape(-1), self.mask, hd).to(x.dtype)
         if self.out_bias is not None:
             y = y + self.out_bias
         return y.view(*x.shape[:-1], -1)
@@ -298,7 +302,8 @@ class _NeuronGather(_Gather):
             if not _one_token(x):
                 y = x @ self.down_t
             elif self.triton is not None:       # a pruned neuron's activation is never read
-                y = self.triton.masked_columns(self.down_t, x.reshape(-1), self.mask, 1).view(*x.shape[:-1], -1)
+                y = self.triton.masked_columns(self.down_t, x.reshape(-1), self.mask, 1).to(x.dtype)
+                y = y.view(*x.shape[:-1], -1)
             else:
                 y = column_gather(self.down_t, self.idx, x).view(*x.shape[:-1], -1)
             return y if self.down_bias is None else y + self.down_bias
@@ -313,7 +318,7 @@ class _NeuronGather(_Gather):
                 h = x.reshape(-1)
                 I = self.in_weight.shape[0]
                 y = self.triton.masked_rows(self.in_weight.view(I * self.n, -1), h, self.choose_mask(h), self.n)
-                y = y.view(I, self.n)
+                y = y.to(x.dtype).view(I, self.n)
                 if self.in_bias is not None:
                     y = y + self.in_bias
                 y = y.view(*x.shape[:-1], I, self.n)
@@ -339,8 +344,8 @@ def predictor_model(model: nn.Module, predictors: dict, ratio: float, rows: str 
     ``ratio`` (every layer masked), reading only their weights; batch 1.  The query and gate/up weights are
     read in place; the output and down projections are held transposed, and a gated MLP's gate and up rows
     interleaved (new tensors).  ``kernels="triton"``: the masked Triton kernels (utils/triton_gemv.py) instead
-    of ``rows`` and ``F.embedding_bag``; the selection is then a mask (no host synchronisation, ties as the
-    masker keeps them), and ``static`` does not matter."""
+    of ``rows`` and ``F.embedding_bag``; the selection is then a mask (no host synchronisation either way; ties as
+    the masker keeps them, or exactly ``k`` by ``topk`` with ``static``)."""
     from .sites import locate_units
 
     _check_kernels(kernels)
@@ -403,7 +408,7 @@ class _TealColumns(nn.Module):
         else:
             flat = x.reshape(-1)
             if self.triton is not None:         # the threshold applied inside the kernel
-                y = self.triton.threshold_columns(self.weight_t, flat, self.threshold, self.norms)
+                y = self.triton.threshold_columns(self.weight_t, flat, self.threshold, self.norms).to(x.dtype)
                 y = y.view(*x.shape[:-1], -1)
                 if self.counter["on"]:          # a host synchronisation: off while a compiled decode is timed
                     self.counter["kept"] += int((self.scores(flat) >= self.threshold).sum()) * self.out

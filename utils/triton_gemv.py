@@ -13,7 +13,8 @@ Why masks, and why Triton: a masked-off lane of a load issues no memory read, so
 pruned costs nothing but its share of the keep mask, the way TEAL's own kernel skips pruned channels, while stock
 PyTorch gathers either copy the kept rows first (``index_select``: the weights read twice) or, for one bag of
 thousands of indices (``embedding_bag``), run on the GPU at a few per cent of its bandwidth (BENCHMARKS.md).
-Products accumulate in float32.
+Products accumulate in float32 and are returned in float32: the caller's cast back to the weights' dtype is
+then one element-wise operation that a compiler fuses with the bias or activation that follows.
 
 On a machine without a GPU the same kernels run in Triton's interpreter (``triton.runtime.interpreter``), slowly:
 that is how the tests check them against plain PyTorch.  Both are registered as PyTorch custom operators, so
@@ -91,7 +92,8 @@ def _check(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, units_dim: int,
 
 @torch.library.custom_op("sparse_activation::masked_rows", mutates_args=())
 def masked_rows(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, group: int) -> torch.Tensor:
-    """``[R]``: ``w[r] · x`` where unit ``r // group`` is kept, else 0 (``w`` ``[R, in]``, ``keep`` ``[R // group]``)."""
+    """``[R]`` float32: ``w[r] · x`` where unit ``r // group`` is kept, else 0 (``w`` ``[R, in]``, ``keep``
+    ``[R // group]``)."""
     _check(w, x, keep, 0, group, "masked_rows")
     R, IN = w.shape
     out = torch.empty(R, device=w.device, dtype=torch.float32)
@@ -101,18 +103,18 @@ def masked_rows(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, group: int
                                                     BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_IN)
     else:
         kernel[lambda meta: (triton_cdiv(R, meta["BLOCK_R"]),)](w, x, keep.contiguous(), out, R, IN, group)
-    return out.to(w.dtype)
+    return out
 
 
 @masked_rows.register_fake
 def _(w, x, keep, group):
-    return w.new_empty(w.shape[0])
+    return w.new_empty(w.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("sparse_activation::masked_columns", mutates_args=())
 def masked_columns(wt: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, group: int) -> torch.Tensor:
-    """``[out]``: ``Σ_i x[i] · wt[i]`` over the input channels ``i`` whose unit ``i // group`` is kept (``wt``
-    ``[in, out]``, ``keep`` ``[in // group]``)."""
+    """``[out]`` float32: ``Σ_i x[i] · wt[i]`` over the input channels ``i`` whose unit ``i // group`` is kept
+    (``wt`` ``[in, out]``, ``keep`` ``[in // group]``)."""
     _check(wt, x, keep, 0, group, "masked_columns")
     IN, OUT = wt.shape
     out = torch.zeros(OUT, device=wt.device, dtype=torch.float32)
@@ -124,18 +126,18 @@ def masked_columns(wt: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, group:
     else:
         kernel[lambda meta: (triton_cdiv(OUT, meta["BLOCK_N"]), triton_cdiv(IN, meta["BLOCK_K"]))](
             wt, x, keep.contiguous(), out, IN, OUT, group)
-    return out.to(wt.dtype)
+    return out
 
 
 @masked_columns.register_fake
 def _(wt, x, keep, group):
-    return wt.new_empty(wt.shape[1])
+    return wt.new_empty(wt.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("sparse_activation::threshold_columns", mutates_args=())
 def threshold_columns(wt: torch.Tensor, x: torch.Tensor, threshold: float, norms: torch.Tensor | None) -> torch.Tensor:
-    """``[out]``: ``Σ_i x[i] · wt[i]`` over the input channels with ``|x[i]| (· norms[i]) >= threshold`` (float32
-    scores; ``norms`` float32 ``[in]`` or None)."""
+    """``[out]`` float32: ``Σ_i x[i] · wt[i]`` over the input channels with ``|x[i]| (· norms[i]) >= threshold``
+    (float32 scores; ``norms`` float32 ``[in]`` or None)."""
     _check(wt, x, torch.ones(wt.shape[0], dtype=torch.bool), 0, 1, "threshold_columns")
     if norms is not None and (norms.dtype != torch.float32 or norms.shape != (wt.shape[0],)):
         raise PipelineError(f"threshold_columns: norms float32 [{wt.shape[0]}], not {norms.dtype} {tuple(norms.shape)}")
@@ -149,9 +151,9 @@ def threshold_columns(wt: torch.Tensor, x: torch.Tensor, threshold: float, norms
     else:
         kernel[lambda meta: (triton_cdiv(OUT, meta["BLOCK_N"]), triton_cdiv(IN, meta["BLOCK_K"]))](
             *args, HAS_NORM=norms is not None)
-    return out.to(wt.dtype)
+    return out
 
 
 @threshold_columns.register_fake
 def _(wt, x, threshold, norms):
-    return wt.new_empty(wt.shape[1])
+    return wt.new_empty(wt.shape[1], dtype=torch.float32)
