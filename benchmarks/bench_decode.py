@@ -53,11 +53,11 @@ from utils.cli import cli_entry  # noqa: E402
 from utils.errors import PipelineError  # noqa: E402
 from utils.io import write_json  # noqa: E402
 from utils.roofline import bytes_per_token, floor_fields, kernel_breakdown, read_bandwidth  # noqa: E402
-from utils.models import OFFLINE_MODEL, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
+from utils.models import GEMMA_MODEL, OFFLINE_MODEL, load_model_and_tokenizer, resolve_device, resolve_dtype  # noqa: E402
 from utils.sites import ATTN, MLP, locate_units  # noqa: E402
 from utils.sparse_model import kept_share, sparse_model, weight_bytes  # noqa: E402
 
-MODELS = ("smollm2", "phi2-shaped", "llama-3.6b", "tiny")
+MODELS = ("smollm2", "gemma3-270m", "phi2-shaped", "llama-3.6b", "tiny")
 MODEL = "tiny"
 DEVICE = "auto"
 DTYPE = "float32"
@@ -84,9 +84,11 @@ SUSPECT = 1.10             # a speed-up above its bytes-ideal, or a share of the
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
-    """The real SmolLM2 (offline GGUF) or a random model of a named shape, built on the device."""
+    """The real SmolLM2 or Gemma-3-270M (offline GGUFs) or a random model of a named shape, built on the device."""
     if name == "smollm2":
         return load_model_and_tokenizer(OFFLINE_MODEL, device, dtype)[0]
+    if name == "gemma3-270m":
+        return load_model_and_tokenizer(GEMMA_MODEL, device, dtype)[0]
     from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
     if name == "phi2-shaped":
