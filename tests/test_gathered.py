@@ -58,6 +58,17 @@ def all_layers(layout):
     return [True] * layout.num_layers
 
 
+def teal_case(model, metric, ratio, sample_seed=50, prompt_seed=4):
+    """Teal thresholds calibrated on three random (prompt, continuation) pairs, the masker that applies them to
+    every layer, and a prompt: ``(thresholds, masker, prompt)``."""
+    layout = locate_units(model)
+    samples = [(random_ids(s, batch=1, length=5)[0].tolist(),
+                random_ids(s + sample_seed, batch=1, length=12)[0].tolist()) for s in range(3)]
+    thresholds = calibrate_thresholds(model, samples, [metric], [ratio])
+    masker = TealMasker(model, layout, unit_weights(layout), all_layers(layout), [metric], thresholds, [ratio])
+    return thresholds, masker, random_ids(prompt_seed, batch=1, length=6)
+
+
 def test_predictor_path_equals_predictor_masker(arch_model):
     arch, model = arch_model
     layout = locate_units(model)
@@ -79,12 +90,7 @@ def test_predictor_path_equals_predictor_masker(arch_model):
 @pytest.mark.parametrize("metric,ratio", [("magnitude", 0.3), ("wina", 0.7)])
 def test_teal_path_equals_teal_masker(arch_model, metric, ratio):
     arch, model = arch_model
-    layout = locate_units(model)
-    samples = [(random_ids(s, batch=1, length=5)[0].tolist(), random_ids(s + 50, batch=1, length=12)[0].tolist())
-               for s in range(3)]
-    thresholds = calibrate_thresholds(model, samples, [metric], [ratio])
-    masker = TealMasker(model, layout, unit_weights(layout), all_layers(layout), [metric], thresholds, [ratio])
-    prompt = random_ids(4, batch=1, length=6)
+    thresholds, masker, prompt = teal_case(model, metric, ratio)
     try:
         masked = token_masked_generate(model, masker, prompt, [0], [ratio], NO_EOS, STEPS)[0][0]
         fast = teal_model(model, thresholds[0, 0], wina=metric == "wina")

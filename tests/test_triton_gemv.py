@@ -7,7 +7,8 @@ import torch
 pytest.importorskip("triton", reason="the triton package runs the kernels (requirements-test.txt installs it)")
 
 from conftest import NO_EOS, assert_close, random_ids  # noqa: E402
-from test_gathered import RATIOS, STEPS, all_layers, gathered_tokens, random_predictors, stepwise_logits  # noqa: E402
+from test_gathered import (RATIOS, STEPS, all_layers, gathered_tokens, random_predictors, stepwise_logits,  # noqa: E402
+                           teal_case)
 from utils.decode import GreedyDecoder  # noqa: E402
 from utils.errors import PipelineError  # noqa: E402
 from utils.gathered import _Gather, predictor_model, teal_model  # noqa: E402
@@ -15,7 +16,7 @@ from utils.generation import token_masked_generate  # noqa: E402
 from utils.masks import unit_weights  # noqa: E402
 from utils.predictor import PredictorMasker  # noqa: E402
 from utils.sites import locate_units  # noqa: E402
-from utils.teal import TealMasker, calibrate_thresholds  # noqa: E402
+from utils.teal import calibrate_thresholds  # noqa: E402
 from utils.triton_gemv import masked_columns, masked_rows, threshold_columns  # noqa: E402
 
 
@@ -116,13 +117,8 @@ def test_triton_predictor_path_equals_predictor_masker(arch_model):
 @pytest.mark.parametrize("metric", ["magnitude", "wina"])
 def test_triton_teal_path_equals_teal_masker(arch_model, metric):
     arch, model = arch_model
-    layout = locate_units(model)
-    samples = [(random_ids(s, batch=1, length=5)[0].tolist(), random_ids(s + 70, batch=1, length=12)[0].tolist())
-               for s in range(3)]
     ratio = 0.5
-    thresholds = calibrate_thresholds(model, samples, [metric], [ratio])
-    masker = TealMasker(model, layout, unit_weights(layout), all_layers(layout), [metric], thresholds, [ratio])
-    prompt = random_ids(14, batch=1, length=6)
+    thresholds, masker, prompt = teal_case(model, metric, ratio, sample_seed=70, prompt_seed=14)
     try:
         masked = token_masked_generate(model, masker, prompt, [0], [ratio], NO_EOS, STEPS)[0][0]
         stock = teal_model(model, thresholds[0, 0], wina=metric == "wina")
