@@ -1,6 +1,8 @@
 """The masked Triton kernels (utils/triton_gemv.py, run here in Triton's interpreter) against plain PyTorch
 products, and the gathered decode paths built on them (``kernels="triton"``) against the per-token maskers'
 zero-masking on tiny Phi, Llama and Gemma-3 models, eager and traced as one graph."""
+import sys
+
 import pytest
 import torch
 
@@ -176,9 +178,13 @@ def test_keep_masks_by_formula():
     assert int(keep_mask(tied, 1, static=True).sum()) == 1
 
 
-def test_unknown_kernels_are_refused():
+def test_unknown_kernels_are_refused(monkeypatch):
     from conftest import tiny_llama
     model = tiny_llama()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "triton", None)              # as if triton were not installed: refused at build
+        with pytest.raises(PipelineError, match="pip install triton"):
+            teal_model(model, torch.zeros(3, 7), kernels="triton")
     with pytest.raises(PipelineError, match="unknown kernels"):
         predictor_model(model, random_predictors(locate_units(model)), 0.5, kernels="cuda")
     with pytest.raises(PipelineError, match="unknown kernels"):

@@ -145,6 +145,7 @@ def _triton():
     """utils/triton_gemv (imported on first use: triton is optional)."""
     from . import triton_gemv
 
+    triton_gemv.require()
     return triton_gemv
 
 

@@ -47,14 +47,21 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def require() -> None:
+    """Fail now, in one line, if triton is missing (rather than at the first decode step)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise PipelineError("the triton kernels need the triton package (pip install triton; CUDA builds of "
+                            "torch bring it); or use kernels='stock'") from None
+
+
 def _kernel(name: str, device: torch.device):
     """The kernel ``name``: compiled for a GPU; on a CPU, interpreted."""
     if name not in _kernels:
-        try:
-            import triton
-        except ImportError:
-            raise PipelineError("the triton kernels need the triton package (pip install triton; CUDA builds of "
-                                "torch bring it); or use kernels='stock'") from None
+        require()
+        import triton
+
         from . import _triton_kernels
 
         kernel = triton.jit(getattr(_triton_kernels, f"{name}_kernel"))
