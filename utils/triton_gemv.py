@@ -29,11 +29,11 @@ import torch
 
 from .errors import PipelineError
 
-# block sizes: the interpreter's (CPU tests); on a GPU triton.autotune picks among CONFIGS per shape on first use
-BLOCK_ROWS = 16       # rows of one program of masked_rows (its input read in BLOCK_IN chunks)
-BLOCK_IN = 128
-BLOCK_OUT = 128       # output columns of one program of masked_columns
-BLOCK_SPLIT = 64      # input channels of one program of masked_columns (partial sums added atomically)
+# block sizes: the interpreter's (CPU tests); on a GPU triton.autotune picks among CONFIGS per shape on first use.
+# rows: BLOCK_R rows a program, its input read in BLOCK_K chunks; columns: BLOCK_N outputs a program, over
+# BLOCK_K input channels (partial sums added atomically)
+INTERPRETED_BLOCKS = {"rows": dict(BLOCK_R=16, BLOCK_K=128), "columns": dict(BLOCK_K=64, BLOCK_N=128),
+                      "threshold_columns": dict(BLOCK_K=64, BLOCK_N=128)}
 CONFIGS = {"rows": [dict(BLOCK_R=r, BLOCK_K=k) for r, k in ((4, 256), (8, 256), (16, 128), (16, 256), (32, 128))],
            "columns": [dict(BLOCK_K=k, BLOCK_N=n) for k, n in ((32, 128), (64, 128), (32, 256), (64, 256),
                                                                (128, 64))]}
@@ -70,11 +70,16 @@ def _kernel(name: str, device: torch.device):
             kernel = triton.autotune([triton.Config(c) for c in CONFIGS[name]], key=KEYS[name],
                                      reset_to_zero=["out_ptr"] if "columns" in name else None)(kernel)
         _kernels[name] = kernel
-    interpreted = bool(triton_interpreted())
-    if (device.type == "cpu") != interpreted:
+    if (device.type == "cpu") != triton_interpreted():
         raise PipelineError(f"the triton kernels on {device.type} need TRITON_INTERPRET={int(device.type == 'cpu')} "
                             "when triton is first imported; start a new process with it set")
     return _kernels[name]
+
+
+def _launch(name: str, device: torch.device, grid, *args, **constexprs) -> None:
+    """Run kernel ``name`` over ``grid(blocks)``: with the autotuner's blocks on a GPU, the interpreter's on a CPU."""
+    blocks = INTERPRETED_BLOCKS[name] if device.type == "cpu" else {}
+    _kernel(name, device)[grid](*args, **constexprs, **blocks)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -88,28 +93,31 @@ def triton_interpreted() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def _check(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, units_dim: int, group: int, what: str) -> None:
-    if w.dim() != 2 or not w.is_contiguous() or x.dim() != 1 or not x.is_contiguous() or keep.dtype != torch.bool:
+def _check(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None, group: int, what: str) -> None:
+    """A contiguous 2-D weight and 1-D input of one dtype; a bool ``keep`` of ``w.shape[0] // group`` units."""
+    if w.dim() != 2 or not w.is_contiguous() or x.dim() != 1 or not x.is_contiguous() or (
+            keep is not None and keep.dtype != torch.bool):
         raise PipelineError(f"{what}: a contiguous 2-D weight, a contiguous 1-D input and a bool keep mask, "
-                            f"not {tuple(w.shape)}, {tuple(x.shape)}, {keep.dtype}")
-    if keep.dim() != 1 or keep.shape[0] * group != w.shape[units_dim] or x.dtype != w.dtype:
-        raise PipelineError(f"{what}: keep [{w.shape[units_dim] // max(group, 1)}] of {group}-wide units and an "
-                            f"input of the weight's dtype, not keep {tuple(keep.shape)}, input {x.dtype}")
+                            f"not {tuple(w.shape)}, {tuple(x.shape)}, {None if keep is None else keep.dtype}")
+    if x.dtype != w.dtype or (keep is not None and (keep.dim() != 1 or keep.shape[0] * group != w.shape[0])):
+        raise PipelineError(f"{what}: keep [{w.shape[0] // max(group, 1)}] of {group}-wide units and an input of "
+                            f"the weight's dtype, not keep {None if keep is None else tuple(keep.shape)}, "
+                            f"input {x.dtype}")
+
+
+def _columns_grid(IN: int, OUT: int):
+    return lambda meta: (triton_cdiv(OUT, meta["BLOCK_N"]), triton_cdiv(IN, meta["BLOCK_K"]))
 
 
 @torch.library.custom_op("sparse_activation::masked_rows", mutates_args=())
 def masked_rows(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, group: int) -> torch.Tensor:
     """``[R]`` float32: ``w[r] · x`` where unit ``r // group`` is kept, else 0 (``w`` ``[R, in]``, ``keep``
     ``[R // group]``)."""
-    _check(w, x, keep, 0, group, "masked_rows")
+    _check(w, x, keep, group, "masked_rows")
     R, IN = w.shape
     out = torch.empty(R, device=w.device, dtype=torch.float32)
-    kernel = _kernel("rows", w.device)
-    if w.device.type == "cpu":
-        kernel[((R + BLOCK_ROWS - 1) // BLOCK_ROWS,)](w, x, keep.contiguous(), out, R, IN, group,
-                                                    BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_IN)
-    else:
-        kernel[lambda meta: (triton_cdiv(R, meta["BLOCK_R"]),)](w, x, keep.contiguous(), out, R, IN, group)
+    _launch("rows", w.device, lambda meta: (triton_cdiv(R, meta["BLOCK_R"]),), w, x, keep.contiguous(), out, R, IN,
+            group)
     return out
 
 
@@ -122,17 +130,10 @@ def _(w, x, keep, group):
 def masked_columns(wt: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, group: int) -> torch.Tensor:
     """``[out]`` float32: ``Σ_i x[i] · wt[i]`` over the input channels ``i`` whose unit ``i // group`` is kept
     (``wt`` ``[in, out]``, ``keep`` ``[in // group]``)."""
-    _check(wt, x, keep, 0, group, "masked_columns")
+    _check(wt, x, keep, group, "masked_columns")
     IN, OUT = wt.shape
     out = torch.zeros(OUT, device=wt.device, dtype=torch.float32)
-    kernel = _kernel("columns", wt.device)
-    if wt.device.type == "cpu":
-        kernel[(triton_cdiv(OUT, BLOCK_OUT), triton_cdiv(IN, BLOCK_SPLIT))](wt, x, keep.contiguous(), out, IN, OUT,
-                                                                           group, BLOCK_K=BLOCK_SPLIT,
-                                                                           BLOCK_N=BLOCK_OUT)
-    else:
-        kernel[lambda meta: (triton_cdiv(OUT, meta["BLOCK_N"]), triton_cdiv(IN, meta["BLOCK_K"]))](
-            wt, x, keep.contiguous(), out, IN, OUT, group)
+    _launch("columns", wt.device, _columns_grid(IN, OUT), wt, x, keep.contiguous(), out, IN, OUT, group)
     return out
 
 
@@ -145,19 +146,13 @@ def _(wt, x, keep, group):
 def threshold_columns(wt: torch.Tensor, x: torch.Tensor, threshold: float, norms: torch.Tensor | None) -> torch.Tensor:
     """``[out]`` float32: ``Σ_i x[i] · wt[i]`` over the input channels with ``|x[i]| (· norms[i]) >= threshold``
     (float32 scores; ``norms`` float32 ``[in]`` or None)."""
-    _check(wt, x, torch.ones(wt.shape[0], dtype=torch.bool), 0, 1, "threshold_columns")
+    _check(wt, x, None, 1, "threshold_columns")
     if norms is not None and (norms.dtype != torch.float32 or norms.shape != (wt.shape[0],)):
         raise PipelineError(f"threshold_columns: norms float32 [{wt.shape[0]}], not {norms.dtype} {tuple(norms.shape)}")
     IN, OUT = wt.shape
     out = torch.zeros(OUT, device=wt.device, dtype=torch.float32)
-    kernel = _kernel("threshold_columns", wt.device)
-    args = (wt, x, x if norms is None else norms.contiguous(), out, IN, OUT, float(threshold))
-    if wt.device.type == "cpu":
-        kernel[(triton_cdiv(OUT, BLOCK_OUT), triton_cdiv(IN, BLOCK_SPLIT))](*args, HAS_NORM=norms is not None,
-                                                                           BLOCK_K=BLOCK_SPLIT, BLOCK_N=BLOCK_OUT)
-    else:
-        kernel[lambda meta: (triton_cdiv(OUT, meta["BLOCK_N"]), triton_cdiv(IN, meta["BLOCK_K"]))](
-            *args, HAS_NORM=norms is not None)
+    _launch("threshold_columns", wt.device, _columns_grid(IN, OUT), wt, x, x if norms is None else norms.contiguous(),
+            out, IN, OUT, float(threshold), HAS_NORM=norms is not None)
     return out
 
 
